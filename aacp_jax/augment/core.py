@@ -1,0 +1,195 @@
+"""Draw augmentation parameters, apply them, and the batched / jitted entry points.
+
+Sampling and application are separate so tests and plots can see which ops fired, vmap the cheap
+sampling over thousands of draws, and build hand-made parameters (e.g. a pure translation).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aacp_jax.augment import config as config_lib
+from aacp_jax.augment import intensity
+from aacp_jax.augment import spatial
+
+OPS = ('crop', 'rotate', 'translate', 'scale', 'flip', 'elastic',
+       'brightness', 'contrast', 'noise', 'cutout')
+_NUM_UNIFORMS = 24  # scalars drawn per sample (at most 22 used), in one draw
+
+
+def _frozen(cfg):
+  # Static jit arguments must hash; a FrozenConfigDict does, by value.
+  cfg = config_lib.default_config() if cfg is None else cfg
+  if isinstance(cfg, ml_collections.FrozenConfigDict):
+    return cfg
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+def _uses_elastic(cfg):
+  return bool(cfg.anatomy_aware) and cfg.elastic.p > 0
+
+
+def identity_params(cfg=None):
+  """Parameters of the identity transform (no op fired); a base for hand-made transforms."""
+  cfg = _frozen(cfg)
+  off = jnp.bool_(False)
+  g = int(cfg.elastic.grid)
+  return {
+      'fired': {op: off for op in OPS},
+      'crop': jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32),
+      'angle': jnp.float32(0.0),
+      'translate': jnp.zeros((2,), jnp.float32),
+      'scale': jnp.ones((2,), jnp.float32),
+      'flip': off,
+      'elastic': jnp.zeros((g, g, 2), jnp.float32),
+      'brightness': jnp.float32(0.0),
+      'contrast': jnp.float32(1.0),
+      'noise_std': jnp.float32(0.0),
+      'noise_key': jax.random.PRNGKey(0),
+      'cutout_box': jnp.zeros((4,), jnp.float32),
+  }
+
+
+def _sample_params(key, landmarks, visible, modality, cfg):
+  config_lib.check_modality(modality)
+  k_u, k_elastic, k_noise = jax.random.split(key, 3)
+  uniforms = jax.random.uniform(k_u, (_NUM_UNIFORMS,), jnp.float32)
+  taken = [0]
+
+  def u(n=None, lo=0.0, hi=1.0):
+    # Consume the next n (or 1, as a scalar) uniforms, mapped to [lo, hi).
+    m = 1 if n is None else n
+    v = uniforms[taken[0]:taken[0] + m]
+    taken[0] += m
+    v = lo + v * (hi - lo)
+    return v[0] if n is None else v
+
+  bern = lambda prob: u() < prob  # uniform in [0, 1): p = 0 never fires, p = 1 always does
+  p = identity_params(cfg)
+  fired = dict(p['fired'])
+  landmarks = jnp.asarray(landmarks, jnp.float32)
+  visible = jnp.asarray(visible, bool)
+
+  if cfg.anatomy_aware:
+    if cfg.crop.enabled:
+      fired['crop'] = jnp.bool_(True)
+      p['crop'] = spatial.anatomy_crop(u(4), landmarks, visible, cfg.crop.area,
+                                       cfg.crop.ratio, cfg.crop.margin)
+    fired['rotate'] = bern(cfg.rotation.p)
+    max_rad = float(np.deg2rad(cfg.rotation.max_deg))
+    p['angle'] = jnp.where(fired['rotate'], u(None, -max_rad, max_rad), 0.0)
+    fired['translate'] = bern(cfg.translation.p)
+    m = cfg.translation.max_frac
+    p['translate'] = jnp.where(fired['translate'], u(2, -m, m), 0.0)
+    fired['scale'] = bern(cfg.scale.p)
+    p['scale'] = jnp.where(fired['scale'], u(2, *cfg.scale.range), 1.0)
+    if modality in cfg.symmetric_modalities:
+      fired['flip'] = bern(cfg.flip.p)
+    if cfg.elastic.p > 0:
+      fired['elastic'] = bern(cfg.elastic.p)
+      e = cfg.elastic
+      ctrl = spatial.elastic_control(k_elastic, int(e.grid), float(e.sigma), e.alpha)
+      p['elastic'] = jnp.where(fired['elastic'], ctrl, 0.0)
+  else:
+    # SimCLR ablation: random resized crop + flip for every modality, landmarks ignored.
+    fired['crop'] = jnp.bool_(True)
+    p['crop'] = spatial.random_resized_crop(u(4), cfg.simclr.area, cfg.simclr.ratio)
+    fired['flip'] = bern(cfg.simclr.flip_p)
+  p['flip'] = fired['flip']
+
+  fired['brightness'] = bern(cfg.brightness.p)
+  d = cfg.brightness.max_delta
+  p['brightness'] = jnp.where(fired['brightness'], u(None, -d, d), 0.0)
+  fired['contrast'] = bern(cfg.contrast.p)
+  p['contrast'] = jnp.where(fired['contrast'], u(None, *cfg.contrast.range), 1.0)
+  fired['noise'] = bern(cfg.noise.p)
+  p['noise_std'] = jnp.where(fired['noise'], jnp.float32(cfg.noise.std), 0.0)
+  p['noise_key'] = k_noise
+  fired['cutout'] = bern(cfg.cutout.p)
+  s = jnp.float32(cfg.cutout.size)
+  p['cutout_box'] = jnp.concatenate([u(2), jnp.stack([s, s])])
+  assert taken[0] <= _NUM_UNIFORMS
+  p['fired'] = fired
+  return p
+
+
+def _apply_params(params, image, landmarks, visible, modality, cfg):
+  # Order: one spatial resample on raw values (so CT air fills at -1000 HU) -> intensity
+  # normalisation -> brightness, contrast, noise -> cutout (paper 3.5.3).
+  config_lib.check_modality(modality)
+  image = jnp.asarray(image, jnp.float32)
+  a, t = spatial.affine(params, image.shape[:2])
+  ctrl = params['elastic'] if _uses_elastic(cfg) else None
+  x = spatial.resample(image, a, t, ctrl, intensity.fill_value(modality, cfg))
+  x = intensity.normalise(x, modality, cfg)
+  x = intensity.photometric(x, params, modality, cfg)
+  x = intensity.cutout(x, params['cutout_box'], params['fired']['cutout'], cfg.cutout.fill)
+  iters = int(cfg.elastic.inverse_iters) if ctrl is not None else 0
+  lm, vis = spatial.move_landmarks(jnp.asarray(landmarks, jnp.float32),
+                                   jnp.asarray(visible, bool), a, t, ctrl, iters)
+  return x, lm, vis, a
+
+
+def _augment_one(key, image, landmarks, visible, modality, cfg, return_transform):
+  params = _sample_params(key, landmarks, visible, modality, cfg)
+  out = _apply_params(params, image, landmarks, visible, modality, cfg)
+  return out if return_transform else out[:3]
+
+
+# Jitted with modality / cfg (and flags) static; the public wrappers freeze cfg so it hashes.
+# Jitted functions nest inside an outer jit or vmap, and eager calls (tests, notebooks) stay fast.
+_STATIC = ('modality', 'cfg')
+_sample_params_jit = jax.jit(_sample_params, static_argnames=_STATIC)
+_apply_params_jit = jax.jit(_apply_params, static_argnames=_STATIC)
+_augment_one_jit = jax.jit(_augment_one, static_argnames=_STATIC + ('return_transform',))
+
+
+def sample_params(key, landmarks, visible, modality, cfg=None):
+  """Draw one sample's parameters. Returns a dict; `fired[op]` says whether each op fired.
+
+  Values of ops that did not fire are the identity, so `apply_params` needs no branching.
+  landmarks (K, 2) normalised (y, x), visible (K,) bool: only the anatomy-aware crop reads them.
+  """
+  return _sample_params_jit(key, landmarks, visible, modality=modality, cfg=_frozen(cfg))
+
+
+def apply_params(params, image, landmarks, visible, modality, cfg=None):
+  """Apply drawn params to one sample (H, W, C) raw float32.
+
+  Returns (image normalised float32, landmarks (K, 2), visible (K,), linear (2, 2)); `linear` is
+  the 2x2 part of the affine, mapping original-frame normalised vectors to augmented-frame ones
+  (elastic ignored). `params` may be hand-made from `identity_params`.
+  """
+  return _apply_params_jit(params, image, landmarks, visible, modality=modality, cfg=_frozen(cfg))
+
+
+def augment_one(key, image, landmarks, visible, modality, cfg=None, return_transform=False):
+  """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform]."""
+  return _augment_one_jit(key, image, landmarks, visible, modality=modality, cfg=_frozen(cfg),
+                          return_transform=bool(return_transform))
+
+
+@functools.partial(jax.jit, static_argnames=('modality', 'cfg', 'return_transform'))
+def _augment_batch(key, images, landmarks, visible, modality, cfg, return_transform):
+  keys = jax.random.split(key, images.shape[0])
+  fn = functools.partial(_augment_one, modality=modality, cfg=cfg,
+                         return_transform=return_transform)
+  return jax.vmap(fn)(keys, images, landmarks, visible)
+
+
+def augment_batch(key, images, landmarks, visible, modality, cfg=None, return_transform=False):
+  """Augment a batch: images (B, H, W, C) raw float32, landmarks (B, K, 2), visible (B, K).
+
+  Sample b uses jax.random.split(key, B)[b]. Returns (images, landmarks, visible), plus
+  linear (B, 2, 2) when return_transform. Jitted with modality / cfg static; safe to call inside
+  an outer jit (e.g. the train step).
+  """
+  return _augment_batch(key, jnp.asarray(images, jnp.float32), jnp.asarray(landmarks, jnp.float32),
+                        jnp.asarray(visible, bool), modality, _frozen(cfg), bool(return_transform))
+
+
+def preprocess(images, modality, cfg=None):
+  """Deterministic intensity normalisation only (evaluation): same as the training pipeline's."""
+  return intensity.normalise(images, modality, _frozen(cfg))

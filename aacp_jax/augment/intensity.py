@@ -1,0 +1,44 @@
+"""Intensity part: deterministic normalisation per modality, then random photometric ops, cutout."""
+import jax
+import jax.numpy as jnp
+
+from aacp_jax.augment import config as config_lib
+
+
+def fill_value(modality, cfg) -> float:
+  """Raw-value background used outside the field: air for CT, zero (black / mean) otherwise."""
+  return float(cfg.ct_fill_hu) if modality == 'ct' else 0.0
+
+
+def normalise(images, modality, cfg):
+  """Raw values -> encoder input: CT HU window -> [0, 1]; X-ray * 1/255; MRI unchanged."""
+  config_lib.check_modality(modality)
+  x = jnp.asarray(images, jnp.float32)
+  if modality == 'ct':
+    lo, hi = config_lib.ct_window(cfg)
+    return jnp.clip((x - lo) / (hi - lo), 0.0, 1.0)
+  if modality == 'xray':
+    return x * jnp.float32(cfg.xray_scale)
+  return x
+
+
+def photometric(image, params, modality, cfg):
+  """Brightness, contrast (about the image mean), clip, Gaussian noise. Identity params = no-op."""
+  x = image + params['brightness']
+  mean = jnp.mean(x)
+  x = (x - mean) * params['contrast'] + mean
+  if cfg.clip_unit and modality in ('ct', 'xray'):
+    x = jnp.clip(x, 0.0, 1.0)
+  noise = jax.random.normal(params['noise_key'], x.shape, jnp.float32)
+  return x + params['noise_std'] * noise
+
+
+def cutout(image, box, fired, fill):
+  """Fill the box (cy, cx, h, w) in normalised units; partially outside boxes are allowed."""
+  hgt, wid, _ = image.shape
+  yy = (jnp.arange(hgt) + 0.5) / hgt
+  xx = (jnp.arange(wid) + 0.5) / wid
+  in_y = jnp.abs(yy - box[0]) <= box[2] / 2
+  in_x = jnp.abs(xx - box[1]) <= box[3] / 2
+  hole = fired & in_y[:, None] & in_x[None, :]
+  return jnp.where(hole[..., None], jnp.float32(fill), image)

@@ -1,0 +1,139 @@
+"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input} --config=...`.
+
+  step   compile seconds, median step seconds, examples/s and peak memory of the jitted train step
+         on random inputs of the configured shapes (no data needed).
+  input  host input pipeline records/s per modality over the configured shards (phantoms when
+         config.data.root is empty; they are built under --workdir first).
+
+Speed targets live here, never in timed tests.
+"""
+import functools
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from aacp_jax import sharding
+from aacp_jax.modalities import IN_CHANNELS
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config file[:variants].',
+                                lock_config=False)
+flags.DEFINE_integer('steps', 10, 'Timed iterations after warm-up.')
+flags.DEFINE_integer('warmup', 2, 'Untimed iterations after compilation.')
+flags.DEFINE_string('workdir', None, 'Where `input` builds phantoms (default: a temp dir).')
+
+_RAW_DTYPES = {'ct': np.int16, 'mri': np.float16, 'xray': np.uint8}
+
+
+def _emit(**row):
+  row.setdefault('backend', jax.default_backend())
+  row.setdefault('devices', jax.device_count())
+  row.setdefault('device_kind', jax.devices()[0].device_kind)
+  print(json.dumps(row), flush=True)
+
+
+def peak_memory_bytes():
+  """Peak device memory where the backend reports it (GPU/TPU), else the host's peak RSS."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return {'peak_device_bytes': int(stats['peak_bytes_in_use'])}
+  return {'peak_host_rss_bytes': int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def random_batch(config, batches, seed=0):
+  """Raw-valued host batch of the configured shapes, as the input pipeline would deliver it."""
+  from aacp_jax.data import landmarks as lm
+  rng = np.random.default_rng(seed)
+  s = config.data.image_size
+  out = {}
+  for m, b in batches.items():
+    image = rng.normal(0, 100, (b, s, s, IN_CHANNELS[m])).astype(_RAW_DTYPES[m])
+    k = len(lm.LANDMARKS)
+    out[m] = {
+        'image': image,
+        'landmarks': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
+        'landmark_visible': rng.uniform(size=(b, k)) < 0.7,
+        'landmarks_canonical': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
+        'organs': (rng.uniform(size=(b, len(lm.ORGANS))) < 0.5).astype(np.uint8),
+    }
+  return out
+
+
+def bench_step(config):
+  from aacp_jax.models import encoders
+  from aacp_jax.train import state as state_lib
+  from aacp_jax.train.pretrain import create_state
+  from aacp_jax.train.step import train_step
+
+  state_lib.check_config(config)
+  mesh = sharding.make_mesh()
+  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
+                                        mesh.size, jax.process_count())
+  model = encoders.build_model(config.model, config.modalities)
+  tx, schedule = state_lib.make_optimizer(config.optim, 1000)
+  state, shardings = create_state(config, model, tx, mesh, config.data.image_size)
+  batch = sharding.to_global(random_batch(config, batches), mesh)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                   config=config),
+                 in_shardings=(shardings, sharding.batch_sharded(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(FLAGS.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  _emit(bench='step', variant=config.get('variant', ''), image_size=config.data.image_size,
+        depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size,
+        compile_s=round(compile_s, 3), median_step_s=round(median, 5),
+        examples_per_s=round(config.batch_size / median, 2), **peak_memory_bytes())
+
+
+def bench_input(config):
+  from aacp_jax.data import pipeline
+  from aacp_jax.train.pretrain import prepare_data
+
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='aacp_bench_')
+  root = prepare_data(config, workdir)
+  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
+                                        jax.device_count(), jax.process_count())
+  for m, b in batches.items():
+    it = pipeline.pretrain_loader(root, config.data.split, {m: b}, seed=config.seed,
+                                  image_size=config.data.image_size,
+                                  worker_count=config.data.worker_count)
+    next(it)  # Opening files and the first decode are start-up, not throughput.
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      item = next(it)
+    dt = time.perf_counter() - t0
+    _emit(bench='input', modality=m, image_size=config.data.image_size, host_batch=b,
+          records_per_s=round(FLAGS.steps * b / dt, 1),
+          mib_per_s=round(FLAGS.steps * item[m]['image'].nbytes / dt / 2**20, 1),
+          worker_count=config.data.worker_count)
+
+
+def main(argv):
+  commands = {'step': bench_step, 'input': bench_input}
+  if len(argv) != 2 or argv[1] not in commands:
+    raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')
+  commands[argv[1]](FLAGS.config)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,70 @@
+"""`python -m aacp_jax.inspect --config=configs/pretrain.py[:VARIANT]`: model size as JSON.
+
+Parameter counts per component (each modality encoder, the shared projector, total) come from
+`jax.eval_shape`, so a ResNet-50 is never materialised; FLOPs per example come from XLA's cost
+analysis of the compiled inference forward pass, one modality at a time.
+"""
+import json
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from aacp_jax.modalities import IN_CHANNELS
+from aacp_jax.models import encoders
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
+                                lock_config=True)
+flags.DEFINE_bool('flops', True, 'Also compile each forward pass for XLA FLOPs (slower).')
+
+
+def count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def dummy_inputs(config, batch: int = 1):
+  s = config.data.image_size
+  return {m: jnp.zeros((batch, s, s, IN_CHANNELS[m]), jnp.float32) for m in config.modalities}
+
+
+def parameter_counts(config) -> dict:
+  model = encoders.build_model(config.model, config.modalities)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
+                                             train=False))
+  params = shapes['params']
+  out = {name: count(sub) for name, sub in params.items()}
+  out['total'] = count(params)
+  out['batch_stats'] = count(shapes.get('batch_stats', {}))
+  return out
+
+
+def flops_per_example(config) -> dict:
+  model = encoders.build_model(config.model, config.modalities)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
+                                                train=False))
+  out = {}
+  batch = 8
+  for m, x in dummy_inputs(config, batch).items():
+    fwd = jax.jit(lambda v, x, m=m: model.apply(v, {m: x}, train=False)[m]['z'])
+    cost = fwd.lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[m] = float(cost.get('flops', float('nan'))) / batch
+  return out
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  report = {'variant': config.get('variant', ''), 'image_size': config.data.image_size,
+            'depth': config.model.depth, 'width': config.model.width,
+            'params': parameter_counts(config)}
+  if FLAGS.flops:
+    report['flops_per_example_forward'] = flops_per_example(config)
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,67 @@
+"""Entry point: `python -m aacp_jax.main --config=configs/pretrain.py[:VARIANTS] --workdir=DIR`.
+
+Flags, multi-process start-up, then one call into the experiment named by `config.experiment`.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard and eval.json.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs not started by SLURM/TPU.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed():
+  import jax
+  explicit = FLAGS.coordinator_address is not None
+  # SLURM multi-task jobs and TPU pods are auto-detected by jax.distributed.initialize().
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu_pod = 'TPU_WORKER_HOSTNAMES' in os.environ or 'MEGASCALE_COORDINATOR_ADDRESS' in os.environ
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif slurm or tpu_pod:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  _maybe_initialize_distributed()
+  import jax
+  logging.info('Process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  config = FLAGS.config
+  if config.experiment == 'pretrain':
+    from aacp_jax.eval.probe import format_table
+    from aacp_jax.train import pretrain
+    results = pretrain.train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0 and 'probe' in results:
+      print('\nLinear probes on held-out phantom labels (test split):')
+      print(format_table(results['probe']))
+      print(f'Details: {os.path.join(FLAGS.workdir, "eval.json")}')
+  else:
+    raise ValueError(f'config.experiment={config.experiment!r}: expected one of: pretrain')
+
+
+def run():
+  try:
+    app.run(main)
+  except (ValueError, FloatingPointError, RuntimeError) as e:
+    # Bad input ends with one line naming the culprit, not a traceback (set --verbosity=1
+    # or AACP_TRACEBACK=1 to see it).
+    if os.environ.get('AACP_TRACEBACK'):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,68 @@
+"""Projection and classification heads on top of pooled backbone features."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Floor on the norm in `l2_normalize`: a zero vector maps to zero instead of NaN (and its gradient
+# stays finite), which matters for padded or dead rows in a global batch.
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    """x / max(||x||, eps) in float32."""
+    x = x.astype(jnp.float32)
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class Projector(nn.Module):
+    """SimCLR-style MLP: [Dense -> BN -> ReLU] for every hidden width, then a final Dense.
+
+    With the default features=(2048, 2048, 512): Dense(2048)-BN-ReLU-Dense(2048)-BN-ReLU-Dense(512).
+    Hidden Dense layers have no bias because the BN that follows cancels it (as SimCLR). BatchNorm
+    reduces over the batch axis of the global array, so statistics are global-batch under jit.
+
+    `__call__(x, train)` -> (B, features[-1]) float32, unit L2 norm.
+    """
+
+    features: Sequence[int] = (2048, 2048, 512)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if len(self.features) < 1:
+            raise ValueError("Projector needs at least one layer width")
+        x = x.astype(self.dtype)
+        for i, f in enumerate(self.features[:-1]):
+            x = nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                         name=f"dense{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                             name=f"bn{i}")(x)
+            x = nn.relu(x)
+        x = nn.Dense(self.features[-1], dtype=self.dtype, param_dtype=jnp.float32,
+                     name=f"dense{len(self.features) - 1}")(x)
+        return l2_normalize(x)
+
+
+class LinearHead(nn.Module):
+    """Linear classifier for probes and fine-tuning; float32 logits.
+
+    Zero-initialised kernel (big_vision `head_zeroinit`): the probe starts at uniform predictions and
+    a linear probe is a convex problem, so no symmetry needs breaking.
+    """
+
+    num_classes: int
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # uniform signature with the other modules; the head has no train-time behaviour
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=self.kernel_init, name="fc")(x.astype(self.dtype))
+        return x.astype(jnp.float32)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (once) and run the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v 'is ignored' || true
+# -n 2: both cores; tests that measure nothing about timing, so parallelism only saves wall time.
+exec .venv/bin/python -m pytest -q -n 2 tests "$@"

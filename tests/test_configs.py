@@ -1,0 +1,61 @@
+"""configs/pretrain.py: the paper's defaults, variants, and one-line errors for bad values."""
+import pytest
+
+from aacp_jax.augment import config as augment_config
+from aacp_jax.train import state as state_lib
+from configs import pretrain
+
+
+def test_default_is_paper_settings():
+  c = pretrain.get_config()
+  # Paper Tables 1 and 3, section 3.5.1.
+  assert (c.model.depth, c.model.width) == (50, 64)
+  assert tuple(c.model.projector) == (2048, 2048, 512)
+  assert c.loss.temperature == 0.07
+  assert c.batch_size == 256
+  assert c.num_epochs == 200
+  assert (c.optim.lr, c.optim.weight_decay) == (1e-4, 1e-6)
+  assert augment_config.ct_window(c.augment) == (-160.0, 240.0)
+  assert c.data.image_size == 224
+  assert c.model.dtype == 'bfloat16'
+  state_lib.check_config(c)
+
+
+def test_demo_is_cpu_sized_and_composes():
+  c = pretrain.get_config('demo')
+  assert c.data.image_size == 64 and c.model.depth == 18 and c.total_steps <= 500
+  both = pretrain.get_config('demo,simclr')
+  assert both.data.image_size == 64 and not both.augment.anatomy_aware
+  assert pretrain.get_config('demo').augment.anatomy_aware
+
+
+def test_every_variant_builds():
+  for name in pretrain.sweep():
+    c = pretrain.get_config(name)
+    state_lib.check_config(c)
+    assert c.variant == name
+
+
+def test_unknown_variant_names_the_culprit():
+  with pytest.raises(ValueError, match=r"unknown variant 'nope'.*demo"):
+    pretrain.get_config('demo,nope')
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('modalities', ('ct', 'pet'), r"config.modalities: unknown modality 'pet'"),
+    ('batch_size', 0, r'config.batch_size=0'),
+    ('loss.temperature', 0.0, r'config.loss.temperature'),
+    ('model.depth', 20, r'config.model.depth=20'),
+    ('model.dtype', 'float16', r'config.model.dtype'),
+    ('optim.lr', -1.0, r'config.optim.lr'),
+])
+def test_bad_values_fail_before_compilation(key, value, match):
+  c = pretrain.get_config('demo')
+  node = c
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match) as e:
+    state_lib.check_config(c)
+  assert '\n' not in str(e.value)
