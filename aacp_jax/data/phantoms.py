@@ -5,7 +5,7 @@ millimetres in a patient frame (x: patient right -> left, y: anterior -> posteri
 inferior, z = 0 at the top of the imaged body part); each modality samples that frame on its own grid:
 
 * CT: the torso voxelised on 1 mm axial slices, a random 64-slice slab (centred near a chest or an
-  abdominal landmark) kept as HU. Label 1: a 4-12 mm soft-tissue lung nodule in chest slabs, an 8-24 mm
+  abdominal landmark) kept as HU. Label 1: a 8-24 mm soft-tissue lung nodule or mass in chest slabs, a 16-40 mm
   hypodense liver lesion in abdominal slabs (a lung nodule needs lung in the slab).
 * X-ray: the same torso model voxelised on a coronal grid and integrated along the AP axis (Beer-Lambert
   line integral, i.e. the log of transmission), so bone is bright and lung dark. Label 1: pneumonia.
@@ -216,7 +216,9 @@ def _ct(rng, size, label):
   region = 'chest' if rng.uniform() < 0.5 else 'abdomen'
   core = lm.LANDMARKS[0:8] if region == 'chest' else lm.LANDMARKS[7:12]
   centre = t['landmarks'][core[rng.integers(len(core))]][2] + rng.uniform(-24, 24)
-  radius = rng.uniform(2, 6) if region == 'chest' else rng.uniform(4, 12)
+  # Radii: chest 4-12 mm (nodules to small masses), liver 8-20 mm. Findings of a size a 2.5D
+  # encoder at demo resolution (~6 mm pixels) can see; smaller ones average into noise.
+  radius = rng.uniform(4, 12) if region == 'chest' else rng.uniform(8, 20)
   for _ in range(20):  # The heart and liver carve the lungs: a nodule there would be invisible.
     organ = t['lungs'][rng.integers(2)] if region == 'chest' else t['liver']
     lesion = _lesion_in(organ, centre - 20, centre + 20, radius, rng)
@@ -273,8 +275,9 @@ def _xray(rng, size, label):
     c, r = t['lungs'][rng.integers(2)]
     for _ in range(rng.integers(3, 7)):
       centre = _lesion_in((c, r), c[2] - 0.2 * r[2], c[2] + 0.6 * r[2], 15, rng)
-      f, lo, hi = _ellipsoid(centre, rng.uniform(12, 30, size=3), 0.2, rng.uniform(0, 6.3))
-      g.paint(lo, hi, f, rng.uniform(-550, -150), TISSUES['lesion'], TISSUES['lung'])
+      f, lo, hi = _ellipsoid(centre, rng.uniform(15, 35, size=3), 0.2, rng.uniform(0, 6.3))
+      # Consolidation: alveoli filled with fluid, near water density (lobar pneumonia).
+      g.paint(lo, hi, f, rng.uniform(-300, 0), TISSUES['lesion'], TISSUES['lung'])
     mask = (g.lab == TISSUES['lesion']).any(axis=2).astype(np.uint8)
     if not mask.any():  # Every blob missed the lung (rare): mark the lung centre.
       mask[min(int((c[2] - _XRAY_TOP) / pix), size - 1),

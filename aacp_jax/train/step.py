@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite step leaves the state as it was, so the checkpoint written on stop is usable.
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -82,8 +82,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
       opt_state=keep(opt_state, state.opt_state))
   metrics.update(
       grad_norm=grad_norm,
-      param_norm=optax.global_norm(state.params),
-      update_norm=optax.global_norm(updates),
+      param_norm=optax.tree.norm(state.params),
+      update_norm=optax.tree.norm(updates),
       lr=schedule(state.step),
       finite=finite.astype(jnp.float32))
   return new_state, metrics
