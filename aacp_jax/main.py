@@ -2,6 +2,7 @@
 
 Flags, multi-process start-up, then one call into the experiment named by `config.experiment`.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -31,9 +32,18 @@ def _maybe_initialize_distributed():
     jax.distributed.initialize()
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drop the INFO chatter of orbax and grain (a dozen lines per checkpoint); keep warnings."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ('/orbax/', '/grain/'))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   import jax
   logging.info('Process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
@@ -55,8 +65,8 @@ def run():
   try:
     app.run(main)
   except (ValueError, FloatingPointError, RuntimeError) as e:
-    # Bad input ends with one line naming the culprit, not a traceback (set --verbosity=1
-    # or AACP_TRACEBACK=1 to see it).
+    # Bad input ends with one line naming the culprit, not a traceback (AACP_TRACEBACK=1
+    # shows it).
     if os.environ.get('AACP_TRACEBACK'):
       raise
     print(f'error: {e}', file=sys.stderr)

@@ -5,8 +5,8 @@ millimetres in a patient frame (x: patient right -> left, y: anterior -> posteri
 inferior, z = 0 at the top of the imaged body part); each modality samples that frame on its own grid:
 
 * CT: the torso voxelised on 1 mm axial slices, a random 64-slice slab (centred near a chest or an
-  abdominal landmark) kept as HU. Label 1: a 8-24 mm soft-tissue lung nodule or mass in chest slabs, a 16-40 mm
-  hypodense liver lesion in abdominal slabs (a lung nodule needs lung in the slab).
+  abdominal landmark) kept as HU. Label 1: a pleural effusion in chest slabs, hepatic
+  steatosis in abdominal slabs (diffuse findings; see DESIGN.md on why not small nodules).
 * X-ray: the same torso model voxelised on a coronal grid and integrated along the AP axis (Beer-Lambert
   line integral, i.e. the log of transmission), so bone is bright and lung dark. Label 1: pneumonia.
 * MRI: an axial brain slice with T1/T2/FLAIR tissue contrasts. Label 1: tumour core with oedema.
@@ -216,9 +216,7 @@ def _ct(rng, size, label):
   region = 'chest' if rng.uniform() < 0.5 else 'abdomen'
   core = lm.LANDMARKS[0:8] if region == 'chest' else lm.LANDMARKS[7:12]
   centre = t['landmarks'][core[rng.integers(len(core))]][2] + rng.uniform(-24, 24)
-  # Radii: chest 4-12 mm (nodules to small masses), liver 8-20 mm. Findings of a size a 2.5D
-  # encoder at demo resolution (~6 mm pixels) can see; smaller ones average into noise.
-  radius = rng.uniform(4, 12) if region == 'chest' else rng.uniform(8, 20)
+  radius = rng.uniform(8, 20) if region == 'chest' else rng.uniform(10, 25)
   for _ in range(20):  # The heart and liver carve the lungs: a nodule there would be invisible.
     organ = t['lungs'][rng.integers(2)] if region == 'chest' else t['liver']
     lesion = _lesion_in(organ, centre - 20, centre + 20, radius, rng)
@@ -237,14 +235,19 @@ def _ct(rng, size, label):
   organs = _paint_torso(g, t, rng)
   mask = np.zeros((size, size), np.uint8)
   if label:
-    # Partial volume: a lesion smaller than a pixel is spread over ~1 pixel with its contrast scaled
-    # by the area ratio, as a scanner would average it, instead of vanishing between pixel centres.
-    hu = rng.uniform(20, 60) if region == 'chest' else t['hu']['liver'] - rng.uniform(30, 50)
-    r_eff = max(radius, 0.75 * pix)
-    d = np.sqrt((g.x - lesion[0]) ** 2 + (g.y - lesion[1]) ** 2 + (g.z - lesion[2]) ** 2)
-    frac = np.clip((r_eff - d) / pix + 0.5, 0, 1) * (radius / r_eff) ** 2
-    g.vol += frac.astype(np.float32) * (hu - g.vol)
-    inside = d <= r_eff  # Never empty: some voxel centre lies within 0.75 pixel of any point.
+    # Diffuse findings, visible to globally pooled features in the soft-tissue window at any
+    # resolution: a pleural effusion (fluid layering in the posterior lung) in chest slabs, hepatic
+    # steatosis (fatty liver, 40-80 HU below normal) in abdominal slabs.
+    if region == 'chest':
+      inside = np.zeros(g.vol.shape, bool)
+      sides = [rng.integers(2)] if rng.uniform() < 0.5 else [0, 1]
+      for c, r in (t['lungs'][k] for k in sides):
+        level = c[1] + r[1] * (1 - 2 * rng.uniform(0.3, 0.6))  # fluid fills 30-60 % of the depth
+        inside |= (g.lab == TISSUES['lung']) & (np.abs(g.x - c[0]) < r[0]) & (g.y > level)
+      g.vol[inside] = rng.uniform(0, 20)
+    else:
+      inside = g.lab == TISSUES['liver']
+      g.vol[inside] -= rng.uniform(40, 80)
     g.lab[inside] = TISSUES['lesion']
     mask = inside.any(axis=2).astype(np.uint8)
   g.vol[g.lab == 0] = -1000
@@ -275,7 +278,7 @@ def _xray(rng, size, label):
     c, r = t['lungs'][rng.integers(2)]
     for _ in range(rng.integers(3, 7)):
       centre = _lesion_in((c, r), c[2] - 0.2 * r[2], c[2] + 0.6 * r[2], 15, rng)
-      f, lo, hi = _ellipsoid(centre, rng.uniform(15, 35, size=3), 0.2, rng.uniform(0, 6.3))
+      f, lo, hi = _ellipsoid(centre, rng.uniform(25, 50, size=3), 0.2, rng.uniform(0, 6.3))
       # Consolidation: alveoli filled with fluid, near water density (lobar pneumonia).
       g.paint(lo, hi, f, rng.uniform(-300, 0), TISSUES['lesion'], TISSUES['lung'])
     mask = (g.lab == TISSUES['lesion']).any(axis=2).astype(np.uint8)

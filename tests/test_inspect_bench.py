@@ -1,0 +1,51 @@
+"""`aacp_jax.inspect` counts and FLOPs, and `aacp_jax.bench` JSON lines."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aacp_jax import inspect as inspect_lib
+from configs import pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_paper_model_parameter_counts():
+  counts = inspect_lib.parameter_counts(pretrain.get_config())
+  # torchvision ResNet-50 without its fc: 23,508,032 at 3 input channels; conv1 with 64 input
+  # channels adds 61 * 64 * 49 = 191,296; with 1 channel it loses 2 * 64 * 49 = 6,272.
+  assert counts['encoder_mri'] == 23_508_032
+  assert counts['encoder_ct'] == 23_508_032 + 191_296
+  assert counts['encoder_xray'] == 23_508_032 - 6_272
+  # Projector [2048, 2048, 512]: two bias-free Dense + BN (scale, bias), then Dense with bias.
+  assert counts['projector'] == 2 * (2048 * 2048 + 2 * 2048) + 2048 * 512 + 512
+  assert counts['total'] == sum(v for k, v in counts.items() if k not in ('total', 'batch_stats'))
+
+
+def test_flops_see_the_wider_ct_conv1():
+  c = pretrain.get_config('demo')
+  c.data.image_size = 32
+  c.model.width = 4
+  c.model.projector = (16, 16, 8)
+  flops = inspect_lib.flops_per_example(c)
+  # conv1 (7x7, stride 2, 4 filters) on a 16x16 output grid: 2 FLOPs per multiply-add.
+  conv1_extra = 2 * (64 - 1) * 4 * 49 * 16 * 16
+  assert flops['ct'] - flops['xray'] == pytest.approx(conv1_extra, rel=0.05)
+  assert flops['mri'] > flops['xray'] > 0
+
+
+def test_bench_step_prints_json(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run(
+      [sys.executable, '-m', 'aacp_jax.bench', 'step', '--config=configs/pretrain.py:demo',
+       '--config.data.image_size=32', '--config.model.width=4', '--config.batch_size=16',
+       '--config.model.projector=(16,16,8)', '--steps=2', '--warmup=1'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  assert row['bench'] == 'step' and row['devices'] == 2
+  assert row['compile_s'] > 0 and row['median_step_s'] > 0
+  assert row['examples_per_s'] == pytest.approx(16 / row['median_step_s'], rel=0.01)
+  assert row.get('peak_host_rss_bytes', row.get('peak_device_bytes', 0)) > 0
