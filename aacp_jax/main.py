@@ -61,15 +61,40 @@ def main(argv):
     raise ValueError(f'config.experiment={config.experiment!r}: expected one of: pretrain')
 
 
+def _one_line(e: BaseException) -> str:
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:
+    # config_flags pastes the config file's traceback into its message: keep the head and the
+    # final "XError: ..." line, which names the culprit.
+    head = text.split('Traceback (most recent call last)')[0]
+    tail = [l for l in text.strip().splitlines() if l.strip()][-1]
+    text = f'{head} {tail}'
+  return ' '.join(text.split()) or type(e).__name__
+
+
+def _parse_flags(argv):
+  """Flags parsed up front, so a bad config file, variant or override ends in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    raise ValueError(_one_line(e)) from None
+  except (AttributeError, KeyError, TypeError) as e:
+    # ml_collections reports an unknown override key as a bare attribute error.
+    bad = [a.split('=')[0].lstrip('-') for a in argv[1:] if a.startswith('--config.')]
+    raise ValueError(f'{", ".join(bad) or "--config"}: {_one_line(e)} is not a config key '
+                     'or has the wrong type') from None
+
+
 def run():
   try:
-    app.run(main)
-  except (ValueError, FloatingPointError, RuntimeError) as e:
+    argv = _parse_flags(sys.argv)
+    app.run(main, argv=argv, flags_parser=lambda a: a)
+  except (ValueError, FloatingPointError, RuntimeError, OSError) as e:
     # Bad input ends with one line naming the culprit, not a traceback (AACP_TRACEBACK=1
     # shows it).
     if os.environ.get('AACP_TRACEBACK'):
       raise
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
 
 

@@ -74,6 +74,7 @@ def base_config():
   c.eval.split_test = 'test'
   c.eval.batch_size = 128
   c.eval.bootstrap = 1000
+  c.eval.l2 = 0.0  # Probe L2 strength; 0 = chosen by cross-validation on the fitting split.
   return c
 
 

@@ -11,8 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, timeout=240):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ)  # conftest's XLA flags: 8 CPU devices.
   return subprocess.run([sys.executable, '-m', 'aacp_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -22,12 +22,15 @@ def free_port():
 
 def test_two_processes_train_together(tmp_path):
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             '--xla_backend_optimization_level=0')
+  # One modality keeps compilation short; the multi-host path does not depend on how many.
   args = ['--config=configs/pretrain.py:demo', '--config.data.image_size=32',
+          "--config.modalities=('xray',)",
           '--config.data.phantoms.train=32', '--config.data.phantoms.test=16',
           '--config.batch_size=32', '--config.model.width=4', '--config.model.projector=(16,16,8)',
           '--config.total_steps=4', '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
-          '--config.eval.bootstrap=20', f'--workdir={tmp_path}',
+          '--config.eval.bootstrap=20', '--config.eval.l2=0.01', f'--workdir={tmp_path}',
           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
   procs = [subprocess.Popen([sys.executable, '-m', 'aacp_jax.main', *args, f'--process_id={i}'],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -42,4 +45,4 @@ def test_two_processes_train_together(tmp_path):
   assert 'Process 1/2' in outs[1][1] or 'Process 1/2' in outs[1][0]
   assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '4'))
   results = json.load(open(os.path.join(tmp_path, 'eval.json')))
-  assert set(results['probe']) == {'ct', 'mri', 'xray'}
+  assert set(results['probe']) == {'xray'}

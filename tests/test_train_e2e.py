@@ -19,16 +19,16 @@ TINY = [
     '--config.batch_size=32',
     '--config.model.width=4',
     '--config.model.projector=(32,32,16)',
-    '--config.total_steps=8',
+    '--config.total_steps=24',
     '--config.log_every_steps=1',
-    '--config.checkpoint_every_steps=2',
+    '--config.checkpoint_every_steps=4',
     '--config.eval.bootstrap=50',
+    '--config.eval.l2=0.01',
 ]
 
 
 def start(workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ)  # conftest's XLA flags: 8 CPU devices.
   return subprocess.Popen([sys.executable, '-m', 'aacp_jax.main', *TINY, *extra,
                            f'--workdir={workdir}'], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -45,35 +45,42 @@ def losses(workdir):
   return {r['step']: r['loss'] for r in rows}
 
 
+def wait_for_step(workdir, proc, step, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and step in losses(workdir):
+      return True
+    time.sleep(0.2)
+  return False
+
+
 def test_interrupt_and_resume_continues_exactly(tmp_path):
   ref_dir, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
-  ref = start(ref_dir)
-  # Interrupt the second run with SIGINT as soon as it has logged step 3.
   run = start(run_dir)
-  deadline = time.time() + 300
-  while time.time() < deadline and run.poll() is None:
-    if 3 in losses(run_dir) if os.path.exists(os.path.join(run_dir, 'metrics.jsonl')) else False:
-      run.send_signal(signal.SIGINT)
-      break
-    time.sleep(0.2)
+  # The reference starts once the first run has compiled (and cached) the step.
+  assert wait_for_step(run_dir, run, 1)
+  ref = start(ref_dir, '--config.eval.probe=False')
+  # Interrupt the first run with SIGINT as soon as it has logged step 3.
+  if wait_for_step(run_dir, run, 3):
+    run.send_signal(signal.SIGINT)
   finish(run)
   stopped_at = max(losses(run_dir))
-  assert 3 <= stopped_at < 8, 'the run was not interrupted mid-way'
+  assert 3 <= stopped_at < 24, 'the run was not interrupted mid-way'
   assert os.path.isdir(os.path.join(run_dir, 'checkpoints', str(stopped_at)))
   out = finish(start(run_dir))  # The same command again resumes.
   ref_out = finish(ref)
   got, want = losses(run_dir), losses(ref_dir)
-  assert sorted(want) == list(range(1, 9))
-  assert sorted(got) == list(range(1, 9)), 'a step was repeated or skipped'
+  assert sorted(want) == list(range(1, 25))
+  assert sorted(got) == list(range(1, 25)), 'a step was repeated or skipped'
   # Same params, same data order, same augmentation keys: the same losses after the resume.
-  np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)],
+  np.testing.assert_allclose([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)],
                              rtol=1e-6)
   # The loss falls, and the run ends with linear probes on held-out phantoms.
-  assert want[8] < want[1]
-  for d, text in ((run_dir, out), (ref_dir, ref_out)):
-    results = json.load(open(os.path.join(d, 'eval.json')))
-    for m in ('ct', 'mri', 'xray'):
-      for enc in ('pretrained', 'random_init'):
-        r = results['probe'][m][enc]
-        assert 0.0 <= r['auroc'] <= 1.0 and r['n_test'] == 16
-    assert 'Linear probes' in text and 'pretrained' in text
+  assert want[24] < want[1]
+  del ref_out
+  results = json.load(open(os.path.join(run_dir, 'eval.json')))
+  for m in ('ct', 'mri', 'xray'):
+    for enc in ('pretrained', 'random_init'):
+      r = results['probe'][m][enc]
+      assert 0.0 <= r['auroc'] <= 1.0 and r['n_test'] == 16 and r['l2'] == 0.01
+  assert 'Linear probes' in out and 'pretrained' in out

@@ -121,7 +121,8 @@ def evaluate_pretrained(config, model, state, root, mesh=None) -> dict:
       f_fit, f_test = (embed_lib.embed(model, variables, d['image'], m, config.augment,
                                        batch_size=config.eval.batch_size) for d in (fit, test))
       row[name] = linear_probe(f_fit, fit['label'], f_test, test['label'],
-                               bootstrap=config.eval.bootstrap, seed=config.seed)
+                               l2=config.eval.l2 or None, bootstrap=config.eval.bootstrap,
+                               seed=config.seed)
     results[m] = row
   return results
 
