@@ -1,9 +1,13 @@
-"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input} --config=...`.
+"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment} --config=...`.
 
   step   compile seconds, median step seconds, examples/s and peak memory of the jitted train step
          on random inputs of the configured shapes (no data needed).
   input  host input pipeline records/s per modality over the configured shards (phantoms when
          config.data.root is empty; they are built under --workdir first).
+  augment
+         median seconds of the jitted two-view augmentation of the configured global batch, of the
+         jitted encoder forward+backward on pre-augmented views (the step without augmentation),
+         and augment_fraction = augment / (augment + forward_backward).
 
 Speed targets live here, never in timed tests.
 """
@@ -105,6 +109,57 @@ def bench_step(config):
         examples_per_s=round(config.batch_size / median, 2), **peak_memory_bytes())
 
 
+def _median_time(fn, *args):
+  """Median seconds per call of a compiled fn after FLAGS.warmup untimed calls."""
+  out = None
+  for _ in range(FLAGS.warmup):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_augment(config):
+  from aacp_jax.models import encoders
+  from aacp_jax.train import state as state_lib
+  from aacp_jax.train.pretrain import create_state
+  from aacp_jax.train.step import make_views, views_loss
+
+  state_lib.check_config(config)
+  mesh = sharding.make_mesh()
+  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
+                                        mesh.size, jax.process_count())
+  model = encoders.build_model(config.model, config.modalities)
+  tx, _ = state_lib.make_optimizer(config.optim, 1000)
+  state, shardings = create_state(config, model, tx, mesh, config.data.image_size)
+  batch = sharding.to_global(random_batch(config, batches), mesh)
+  data = sharding.batch_sharded(mesh)
+  key = jax.random.key(config.seed)
+
+  augment_fn = jax.jit(functools.partial(make_views, config=config),
+                       in_shardings=(None, data), out_shardings=data)
+  grad_fn = jax.jit(
+      jax.value_and_grad(functools.partial(views_loss, model=model, config=config),
+                         has_aux=True),
+      in_shardings=(shardings.params, shardings.batch_stats, data, data),
+      out_shardings=((sharding.replicated(mesh), (shardings.batch_stats,
+                                                  sharding.replicated(mesh))),
+                     shardings.params))
+  augment_c = augment_fn.lower(key, batch).compile()
+  views = augment_c(key, batch)
+  grad_c = grad_fn.lower(state.params, state.batch_stats, batch, views).compile()
+  augment_s = _median_time(augment_c, key, batch)
+  fwd_bwd_s = _median_time(grad_c, state.params, state.batch_stats, batch, views)
+  _emit(bench='augment', variant=config.get('variant', ''), image_size=config.data.image_size,
+        depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size,
+        median_augment_s=round(augment_s, 5), median_forward_backward_s=round(fwd_bwd_s, 5),
+        augment_fraction=round(augment_s / (augment_s + fwd_bwd_s), 4))
+
+
 def bench_input(config):
   from aacp_jax.data import pipeline
   from aacp_jax.train.pretrain import prepare_data
@@ -129,7 +184,7 @@ def bench_input(config):
 
 
 def main(argv):
-  commands = {'step': bench_step, 'input': bench_input}
+  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment}
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')
   commands[argv[1]](FLAGS.config)

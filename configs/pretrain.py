@@ -49,12 +49,17 @@ def base_config():
   c.model.width = 64
   c.model.projector = (2048, 2048, 512)
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters and losses stay float32.
+  # Per-modality landmark head (stride-8 soft-argmax) that the spatial-consistency loss trains.
+  c.model.landmark_head = True
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.07
   # Structure-aware negative weighting w = 1 - gamma * exp(-d^2 / sigma^2); gamma 0 = plain InfoNCE.
   c.loss.gamma = 0.0
   c.loss.sigma = 0.15
+  # lambda_spatial (paper 3.2.1): spatial consistency between the landmark head on each augmented
+  # view and the record's landmarks; needs model.landmark_head. 0 = off.
+  c.loss.spatial_weight = 0.1
 
   c.augment = augment.default_config()
 
@@ -101,6 +106,25 @@ def simclr(c):
   """Table 6 'Minimal (SimCLR-style)': plain InfoNCE with standard random augmentation."""
   c.augment.anatomy_aware = False
   c.loss.gamma = 0.0
+  c.loss.spatial_weight = 0.0
+  c.model.landmark_head = False
+
+
+@_variant
+def minimal(c):
+  """Table 6 'Minimal' (components 1-3): anatomy-aware augmentation + spatial-consistency loss +
+  contrastive loss. Until FPN / ROI / triplet exist this equals the base config."""
+  c.augment.anatomy_aware = True
+  c.loss.gamma = 0.0
+  c.model.landmark_head = True
+  c.loss.spatial_weight = 0.1
+
+
+@_variant
+def no_spatial(c):
+  """Table 6 ablation: without the spatial-consistency loss (and without its landmark head)."""
+  c.loss.spatial_weight = 0.0
+  c.model.landmark_head = False
 
 
 @_variant

@@ -18,6 +18,8 @@ def test_default_is_paper_settings():
   assert augment_config.ct_window(c.augment) == (-160.0, 240.0)
   assert c.data.image_size == 224
   assert c.model.dtype == 'bfloat16'
+  # Paper 3.2.1: lambda_spatial 0.1, trained through the landmark head.
+  assert c.loss.spatial_weight == 0.1 and c.model.landmark_head
   state_lib.check_config(c)
 
 
@@ -27,6 +29,18 @@ def test_demo_is_cpu_sized_and_composes():
   both = pretrain.get_config('demo,simclr')
   assert both.data.image_size == 64 and not both.augment.anatomy_aware
   assert pretrain.get_config('demo').augment.anatomy_aware
+
+
+def test_table6_variants():
+  minimal = pretrain.get_config('minimal')
+  assert minimal.augment.anatomy_aware and minimal.model.landmark_head
+  assert minimal.loss.spatial_weight == 0.1
+  for name in ('no_spatial', 'simclr', 'demo,simclr'):
+    c = pretrain.get_config(name)
+    assert c.loss.spatial_weight == 0 and not c.model.landmark_head, name
+  assert not pretrain.get_config('simclr').augment.anatomy_aware
+  assert pretrain.get_config('no_spatial').augment.anatomy_aware
+  assert {'minimal', 'no_spatial', 'simclr', 'no_anatomy_aug', 'demo'} <= set(pretrain.sweep())
 
 
 def test_every_variant_builds():
@@ -47,6 +61,8 @@ def test_unknown_variant_names_the_culprit():
     ('loss.temperature', 0.0, r'config.loss.temperature'),
     ('model.depth', 20, r'config.model.depth=20'),
     ('model.dtype', 'float16', r'config.model.dtype'),
+    ('model.landmark_head', False, r'config.model.landmark_head'),
+    ('loss.spatial_weight', -0.1, r'config.loss.spatial_weight'),
     ('optim.lr', -1.0, r'config.optim.lr'),
 ])
 def test_bad_values_fail_before_compilation(key, value, match):

@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aacp_jax.models.heads import Projector
+from aacp_jax.data.landmarks import LANDMARKS
+from aacp_jax.models.heads import LandmarkHead, Projector
 from aacp_jax.models.resnet import DEPTHS, ResNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,9 +26,13 @@ class AACPModel(nn.Module):
       in_channels: optional {modality: channels} check (CT 64, MRI 3, X-ray 1); the channel count
         is always taken from the input, so this only turns a silent re-init into an error.
       zero_init_residual: passed to every ResNet.
+      landmark_head: add one `LandmarkHead` per modality (`landmarks_<m>`) on the stride-8 stage
+        `c3`; the output dicts then also hold 'landmarks' (B_m, K, 2) float32 normalised (y, x).
+      num_landmarks: K, the landmark vocabulary size.
 
     `__call__(images, train)` with images {m: (B_m, H, W, C_m)} for any subset of `modalities`
-    -> {m: {'features': (B_m, F) float32 pooled backbone features, 'z': (B_m, d) float32, unit norm}}.
+    -> {m: {'features': (B_m, F) float32 pooled backbone features, 'z': (B_m, d) float32, unit norm}}
+    (plus 'landmarks' when `landmark_head`).
     Initialise with every modality present so that every encoder gets parameters.
     """
 
@@ -38,6 +43,8 @@ class AACPModel(nn.Module):
     dtype: Any = jnp.float32
     in_channels: Mapping[str, int] | None = None
     zero_init_residual: bool = False
+    landmark_head: bool = False
+    num_landmarks: int = len(LANDMARKS)
 
     def setup(self):
         if len(set(self.modalities)) != len(self.modalities) or not all(
@@ -50,6 +57,9 @@ class AACPModel(nn.Module):
             setattr(self, f"encoder_{m}", ResNet(
                 depth=self.depth, width=self.width, num_classes=None, in_channels=channels,
                 dtype=self.dtype, zero_init_residual=self.zero_init_residual))
+            if self.landmark_head:
+                setattr(self, f"landmarks_{m}", LandmarkHead(
+                    num_landmarks=self.num_landmarks, dtype=self.dtype))
         self.head = Projector(features=tuple(self.projector), dtype=self.dtype, name="projector")
 
     def _encoder(self, modality: str) -> ResNet:
@@ -63,14 +73,19 @@ class AACPModel(nn.Module):
         if unknown or not present:
             raise ValueError(f"images keys {sorted(images)} must be a non-empty subset of "
                              f"{tuple(self.modalities)}")
-        feats = {m: self._encoder(m)(images[m], train)["pooled"] for m in present}
+        stages = {m: self._encoder(m)(images[m], train) for m in present}
+        feats = {m: stages[m]["pooled"] for m in present}
         # One projector pass over all modalities concatenated: the projector's BatchNorm then sees
         # the same mixed population in training as its running averages describe at eval time.
         # Projecting each modality separately would normalise per modality in training but update
         # one shared set of running stats with a blend of all, a train/eval mismatch.
         z = self.head(jnp.concatenate([feats[m] for m in present], axis=0), train)
         zs = jnp.split(z, list(itertools.accumulate(feats[m].shape[0] for m in present))[:-1])
-        return {m: {"features": feats[m], "z": zm} for m, zm in zip(present, zs)}
+        out = {m: {"features": feats[m], "z": zm} for m, zm in zip(present, zs)}
+        if self.landmark_head:
+            for m in present:
+                out[m]["landmarks"] = getattr(self, f"landmarks_{m}")(stages[m]["c3"], train)
+        return out
 
     def embed(self, x: jax.Array, modality: str, train: bool = False):
         """One modality alone -> {'features', 'z'}; for evaluation, probes and retrieval.
@@ -92,7 +107,8 @@ class AACPModel(nn.Module):
 
 def build_model(config: Mapping[str, Any], modalities=None) -> AACPModel:
     """AACPModel from a config block (dict or ConfigDict) with keys depth, width, projector,
-    dtype ('float32' | 'bfloat16'), modalities; optional in_channels, zero_init_residual.
+    dtype ('float32' | 'bfloat16'), modalities; optional in_channels, zero_init_residual,
+    landmark_head (default False).
     `modalities` (the experiment's enabled set) overrides the block's own key."""
     def get(key, default=None):
         return config[key] if key in config else default
@@ -112,4 +128,5 @@ def build_model(config: Mapping[str, Any], modalities=None) -> AACPModel:
         dtype=DTYPES[dtype],
         in_channels=None if in_channels is None else {k: int(v) for k, v in dict(in_channels).items()},
         zero_init_residual=bool(get("zero_init_residual", False)),
+        landmark_head=bool(get("landmark_head", False)),
     )

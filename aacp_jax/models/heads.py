@@ -66,3 +66,45 @@ class LinearHead(nn.Module):
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=self.kernel_init, name="fc")(x.astype(self.dtype))
         return x.astype(jnp.float32)
+
+
+def spatial_soft_argmax(heatmaps: jax.Array) -> jax.Array:
+    """(B, H, W, K) logits -> (B, K, 2) float32 expected normalised (y, x) in [0, 1].
+
+    Softmax over the H*W positions of each landmark's map (float32), then the expectation of the
+    pixel-centre coordinates ((i + 0.5) / H, (j + 0.5) / W), matching the records' edge-to-edge
+    normalisation (pixel i of S covers [i/S, (i+1)/S)).
+    """
+    b, h, w, k = heatmaps.shape
+    logits = heatmaps.astype(jnp.float32).reshape(b, h * w, k)
+    prob = jax.nn.softmax(logits, axis=1).reshape(b, h, w, k)
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    y = jnp.einsum("bhwk,h->bk", prob, ys)
+    x = jnp.einsum("bhwk,w->bk", prob, xs)
+    return jnp.stack([y, x], axis=-1)
+
+
+class LandmarkHead(nn.Module):
+    """Light landmark head on a stride-8 feature map (ResNet `c3`).
+
+    3x3 conv (no bias) -> BN -> ReLU -> 1x1 conv to `num_landmarks` heatmaps -> spatial
+    soft-argmax. `__call__(x (B, H, W, C), train)` -> (B, K, 2) float32 normalised (y, x).
+    """
+
+    num_landmarks: int
+    features: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                    param_dtype=jnp.float32, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                         name="bn")(x)
+        x = nn.relu(x)
+        x = nn.Conv(self.num_landmarks, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                    name="heatmap")(x)
+        return spatial_soft_argmax(x)

@@ -69,6 +69,11 @@ def check_config(config) -> None:
     raise ValueError(f'config.loss.temperature={config.loss.temperature}: must be positive')
   if not 0 <= config.loss.gamma < 1:
     raise ValueError(f'config.loss.gamma={config.loss.gamma}: must lie in [0, 1)')
+  if config.loss.get('spatial_weight', 0) < 0:
+    raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight}: must be >= 0')
+  if config.loss.get('spatial_weight', 0) > 0 and not config.model.get('landmark_head', False):
+    raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight} needs '
+                     'config.model.landmark_head=True (or set the weight to 0)')
   if config.optim.lr <= 0:
     raise ValueError(f'config.optim.lr={config.optim.lr}: must be positive')
   if config.total_steps < 0 or config.num_epochs <= 0:

@@ -15,16 +15,39 @@ from aacp_jax.train.state import TrainState
 _MODALITY_IDS = {'ct': 0, 'mri': 1, 'xray': 2}
 
 
-def two_views(key, batch_m, modality, aug_cfg):
-  """Two independently augmented views of one modality's raw batch, stacked [view1; view2]."""
+def two_views(key, batch_m, modality, aug_cfg, return_transform=False):
+  """Two independently augmented views of one modality's raw batch, stacked [view1; view2].
+
+  Returns the (2B, H, W, C) images; with `return_transform=True` a dict {'image', 'landmarks',
+  'landmark_visible', 'linear'} of the views stacked the same way: landmarks and their visibility
+  after augmentation, and the per-sample 2x2 `linear` (original -> augmented frame).
+  """
   images = batch_m['image'].astype(jnp.float32)
   k1, k2 = jax.random.split(key)
-  views = []
+  parts = []
   for k in (k1, k2):
-    v, _, _ = augment.augment_batch(
-        k, images, batch_m['landmarks'], batch_m['landmark_visible'], modality, aug_cfg)
-    views.append(v)
-  return jnp.concatenate(views, axis=0)
+    parts.append(augment.augment_batch(
+        k, images, batch_m['landmarks'], batch_m['landmark_visible'], modality, aug_cfg,
+        return_transform=True))
+  stacked = [jnp.concatenate(p, axis=0) for p in zip(*parts)]
+  if not return_transform:
+    return stacked[0]
+  return dict(zip(('image', 'landmarks', 'landmark_visible', 'linear'), stacked))
+
+
+def make_views(key, batch, config):
+  """{m: two_views(..., return_transform=True)} for every enabled modality (the step's RNG)."""
+  return {m: two_views(jax.random.fold_in(key, _MODALITY_IDS[m]), batch[m], m, config.augment,
+                       return_transform=True)
+          for m in config.modalities}
+
+
+def _inv2x2(a):
+  """Batched closed-form inverse of (N, 2, 2) matrices."""
+  det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+  adj = jnp.stack([jnp.stack([a[:, 1, 1], -a[:, 0, 1]], -1),
+                   jnp.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], -2)
+  return adj / det[:, None, None]
 
 
 def _contrastive_accuracy(z1, z2):
@@ -33,18 +56,17 @@ def _contrastive_accuracy(z1, z2):
   return jnp.mean(hits.astype(jnp.float32))
 
 
-def loss_fn(params, batch_stats, batch, key, *, model, config):
-  """Sum over modalities of InfoNCE weighted by each modality's share of the batch.
+def spatial_weight(config):
+  return float(config.loss.get('spatial_weight', 0.0))
 
-  Negatives are the other examples of the same modality across the whole global batch; examples
-  of other modalities are left out, as cross-modal pairs belong to the alignment term (DESIGN.md).
-  """
-  views = {}
-  for m in config.modalities:
-    views[m] = two_views(jax.random.fold_in(key, _MODALITY_IDS[m]), batch[m], m, config.augment)
+
+def views_loss(params, batch_stats, batch, views, *, model, config):
+  """The loss on already augmented views (`make_views`); see `loss_fn`."""
   out, new_vars = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, views, train=True, mutable=['batch_stats'])
+      {'params': params, 'batch_stats': batch_stats}, {m: views[m]['image'] for m in views},
+      train=True, mutable=['batch_stats'])
   total_n = sum(batch[m]['image'].shape[0] for m in config.modalities)
+  lam = spatial_weight(config)
   loss = 0.0
   metrics = {}
   for m in config.modalities:
@@ -60,8 +82,38 @@ def loss_fn(params, batch_stats, batch, key, *, model, config):
     loss = loss + share * l_m
     metrics[f'contrast_{m}'] = l_m
     metrics[f'pos_acc_{m}'] = _contrastive_accuracy(z1, z2)
+    if lam > 0:
+      s_m = spatial_term(out[m]['landmarks'], views[m], batch[m])
+      loss = loss + lam * share * s_m
+      metrics[f'spatial_{m}'] = s_m
   metrics['loss'] = loss
   return loss, (new_vars['batch_stats'], metrics)
+
+
+def spatial_term(pred, views_m, batch_m):
+  """Mean over the two views of `losses.spatial_consistency`.
+
+  pred: the landmark head on [view1; view2] (2B, K, 2); ref: the record's landmarks (original
+  frame; the frozen detector's output for real data, ground truth for phantoms); each view's
+  predictions are mapped back with the inverse of its augmentation's linear part.
+  """
+  p1, p2 = jnp.split(pred, 2, axis=0)
+  v1, v2 = jnp.split(views_m['landmark_visible'], 2, axis=0)
+  a1, a2 = jnp.split(_inv2x2(views_m['linear'].astype(jnp.float32)), 2, axis=0)
+  ref, ref_vis = batch_m['landmarks'], batch_m['landmark_visible']
+  return 0.5 * (losses.spatial_consistency(p1, v1, ref, ref_vis, a1)
+                + losses.spatial_consistency(p2, v2, ref, ref_vis, a2))
+
+
+def loss_fn(params, batch_stats, batch, key, *, model, config):
+  """Sum over modalities of InfoNCE weighted by each modality's share of the batch, plus
+  `config.loss.spatial_weight` times the (equally share-weighted) spatial-consistency term.
+
+  Negatives are the other examples of the same modality across the whole global batch; examples
+  of other modalities are left out, as cross-modal pairs belong to the alignment term (DESIGN.md).
+  """
+  views = make_views(key, batch, config)
+  return views_loss(params, batch_stats, batch, views, model=model, config=config)
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, config):
