@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 from absl import app, flags
 import jax
@@ -72,11 +73,11 @@ def random_batch(config, batches, seed=0):
   return out
 
 
-def bench_step(config):
+def _setup(config):
+  """Model, replicated train state and a random global batch of the configured shapes."""
   from aacp_jax.models import encoders
   from aacp_jax.train import state as state_lib
   from aacp_jax.train.pretrain import create_state
-  from aacp_jax.train.step import train_step
 
   state_lib.check_config(config)
   mesh = sharding.make_mesh()
@@ -86,27 +87,41 @@ def bench_step(config):
   tx, schedule = state_lib.make_optimizer(config.optim, 1000)
   state, shardings = create_state(config, model, tx, mesh, config.data.image_size)
   batch = sharding.to_global(random_batch(config, batches), mesh)
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+  return types.SimpleNamespace(mesh=mesh, model=model, tx=tx, schedule=schedule, state=state,
+                               shardings=shardings, batch=batch)
+
+
+def _config_fields(config):
+  return dict(variant=config.get('variant', ''), image_size=config.data.image_size,
+              depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size)
+
+
+def bench_step(config):
+  from aacp_jax.train.step import train_step
+
+  s = _setup(config)
+  step = jax.jit(functools.partial(train_step, model=s.model, tx=s.tx, schedule=s.schedule,
                                    config=config),
-                 in_shardings=(shardings, sharding.batch_sharded(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(s.shardings, sharding.batch_sharded(s.mesh)),
+                 out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(s.state, s.batch).compile()
   compile_s = time.perf_counter() - t0
+  state = s.state
+  # The state is donated, so each call takes the previous call's output (no _median_time).
   for _ in range(FLAGS.warmup):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, s.batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(FLAGS.steps):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, s.batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
-  _emit(bench='step', variant=config.get('variant', ''), image_size=config.data.image_size,
-        depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size,
-        compile_s=round(compile_s, 3), median_step_s=round(median, 5),
-        examples_per_s=round(config.batch_size / median, 2), **peak_memory_bytes())
+  _emit(bench='step', **_config_fields(config), compile_s=round(compile_s, 3),
+        median_step_s=round(median, 5), examples_per_s=round(config.batch_size / median, 2),
+        **peak_memory_bytes())
 
 
 def _median_time(fn, *args):
@@ -124,38 +139,25 @@ def _median_time(fn, *args):
 
 
 def bench_augment(config):
-  from aacp_jax.models import encoders
-  from aacp_jax.train import state as state_lib
-  from aacp_jax.train.pretrain import create_state
   from aacp_jax.train.step import make_views, views_loss
 
-  state_lib.check_config(config)
-  mesh = sharding.make_mesh()
-  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
-                                        mesh.size, jax.process_count())
-  model = encoders.build_model(config.model, config.modalities)
-  tx, _ = state_lib.make_optimizer(config.optim, 1000)
-  state, shardings = create_state(config, model, tx, mesh, config.data.image_size)
-  batch = sharding.to_global(random_batch(config, batches), mesh)
-  data = sharding.batch_sharded(mesh)
+  s = _setup(config)
+  data = sharding.batch_sharded(s.mesh)
+  repl = sharding.replicated(s.mesh)
   key = jax.random.key(config.seed)
-
   augment_fn = jax.jit(functools.partial(make_views, config=config),
                        in_shardings=(None, data), out_shardings=data)
   grad_fn = jax.jit(
-      jax.value_and_grad(functools.partial(views_loss, model=model, config=config),
+      jax.value_and_grad(functools.partial(views_loss, model=s.model, config=config),
                          has_aux=True),
-      in_shardings=(shardings.params, shardings.batch_stats, data, data),
-      out_shardings=((sharding.replicated(mesh), (shardings.batch_stats,
-                                                  sharding.replicated(mesh))),
-                     shardings.params))
-  augment_c = augment_fn.lower(key, batch).compile()
-  views = augment_c(key, batch)
-  grad_c = grad_fn.lower(state.params, state.batch_stats, batch, views).compile()
-  augment_s = _median_time(augment_c, key, batch)
-  fwd_bwd_s = _median_time(grad_c, state.params, state.batch_stats, batch, views)
-  _emit(bench='augment', variant=config.get('variant', ''), image_size=config.data.image_size,
-        depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size,
+      in_shardings=(s.shardings.params, s.shardings.batch_stats, data, data),
+      out_shardings=((repl, (s.shardings.batch_stats, repl)), s.shardings.params))
+  augment_c = augment_fn.lower(key, s.batch).compile()
+  views = augment_c(key, s.batch)
+  grad_c = grad_fn.lower(s.state.params, s.state.batch_stats, s.batch, views).compile()
+  augment_s = _median_time(augment_c, key, s.batch)
+  fwd_bwd_s = _median_time(grad_c, s.state.params, s.state.batch_stats, s.batch, views)
+  _emit(bench='augment', **_config_fields(config),
         median_augment_s=round(augment_s, 5), median_forward_backward_s=round(fwd_bwd_s, 5),
         augment_fraction=round(augment_s / (augment_s + fwd_bwd_s), 4))
 

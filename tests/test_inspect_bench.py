@@ -39,34 +39,30 @@ def test_flops_see_the_wider_ct_conv1():
   assert flops['mri'] > flops['xray'] > 0
 
 
-def test_bench_step_prints_json(tmp_path):
+def run_bench(command):
+  """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config over 2 CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
              '--xla_backend_optimization_level=0')
   out = subprocess.run(
-      [sys.executable, '-m', 'aacp_jax.bench', 'step', '--config=configs/pretrain.py:demo',
+      [sys.executable, '-m', 'aacp_jax.bench', command, '--config=configs/pretrain.py:demo',
        "--config.modalities=('mri',)",
        '--config.data.image_size=32', '--config.model.width=4', '--config.batch_size=16',
        '--config.model.projector=(16,16,8)', '--steps=2', '--warmup=1'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   row = json.loads(out.stdout.strip().splitlines()[-1])
-  assert row['bench'] == 'step' and row['devices'] == 2
+  assert row['bench'] == command and row['devices'] == 2
+  return row
+
+
+def test_bench_step_prints_json():
+  row = run_bench('step')
   assert row['compile_s'] > 0 and row['median_step_s'] > 0
   assert row['examples_per_s'] == pytest.approx(16 / row['median_step_s'], rel=0.01)
   assert row.get('peak_host_rss_bytes', row.get('peak_device_bytes', 0)) > 0
 
 
-def test_bench_augment_prints_json(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             '--xla_backend_optimization_level=0')
-  out = subprocess.run(
-      [sys.executable, '-m', 'aacp_jax.bench', 'augment', '--config=configs/pretrain.py:demo',
-       "--config.modalities=('mri',)",
-       '--config.data.image_size=32', '--config.model.width=4', '--config.batch_size=16',
-       '--config.model.projector=(16,16,8)', '--steps=2', '--warmup=1'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  row = json.loads(out.stdout.strip().splitlines()[-1])
-  assert row['bench'] == 'augment' and row['devices'] == 2
+def test_bench_augment_prints_json():
+  row = run_bench('augment')
   assert row['median_augment_s'] > 0 and row['median_forward_backward_s'] > 0
   assert 0 < row['augment_fraction'] < 1
