@@ -32,7 +32,7 @@ CT_SLICES = 64
 TISSUES = {'air': 0, 'fat': 1, 'soft_tissue': 2, 'lung': 3, 'airway': 4, 'heart': 5, 'aorta': 6,
            'liver': 7, 'spleen': 8, 'kidney': 9, 'bone': 10, 'lesion': 11, 'scalp': 12, 'csf': 13,
            'grey_matter': 14, 'white_matter': 15, 'oedema': 16}
-LABEL_NAMES = {'ct': ['normal', 'focal_lesion'], 'xray': ['normal', 'pneumonia'],
+LABEL_NAMES = {'ct': ['normal', 'effusion_or_steatosis'], 'xray': ['normal', 'pneumonia'],
                'mri': ['normal', 'tumour']}
 _TORSO_FOV, _XRAY_TOP, _HEAD_FOV, _XRAY_AP_SAMPLES = 440.0, -60.0, 240.0, 64
 _MU_WATER = 0.019  # 1/mm at ~70 keV; X-ray attenuation is mu_water * (1 + HU / 1000).
@@ -217,13 +217,14 @@ def _ct(rng, size, label):
   core = lm.LANDMARKS[0:8] if region == 'chest' else lm.LANDMARKS[7:12]
   centre = t['landmarks'][core[rng.integers(len(core))]][2] + rng.uniform(-24, 24)
   radius = rng.uniform(8, 20) if region == 'chest' else rng.uniform(10, 25)
-  for _ in range(20):  # The heart and liver carve the lungs: a nodule there would be invisible.
+  # A site in the lungs (chest) or liver (abdomen), away from the heart and liver in the chest:
+  # the slab is centred near it whatever the label, so its position says nothing of the label.
+  for _ in range(20):
     organ = t['lungs'][rng.integers(2)] if region == 'chest' else t['liver']
     lesion = _lesion_in(organ, centre - 20, centre + 20, radius, rng)
     if region == 'abdomen' or not any(_ellipsoid(c, r)[0](*lesion) for c, r in
                                       (t['heart'], t['liver'])):
       break
-  # The slab follows the lesion site for both labels, so its position says nothing of the label.
   centre = np.clip(centre, lesion[2] - 32 + radius + 1, lesion[2] + 32 - radius - 1)
   z0 = float(np.clip(np.round(centre - CT_SLICES / 2), 0, np.floor(t['length']) - CT_SLICES))
   theta, tx, ty = np.deg2rad(rng.uniform(-8, 8)), rng.uniform(-15, 15), rng.uniform(-15, 15)
