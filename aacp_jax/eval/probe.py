@@ -104,9 +104,9 @@ def linear_probe(f_fit, y_fit, f_test, y_test, *, l2: float | None = None, boots
   return out
 
 
-def evaluate_pretrained(config, model, state, root, mesh=None) -> dict:
+def evaluate_pretrained(config, model, state, root) -> dict:
   """Per modality: probe the pretrained encoder and, beside it, the same encoder at init."""
-  del mesh  # Embedding runs on the default device; probes are small.
+  # Embedding runs on the default device: probe sets are small.
   image_size = config.data.image_size
   init_vars = model.init(jax.random.key(config.seed), {
       m: jnp.zeros((2, image_size, image_size, IN_CHANNELS[m])) for m in config.modalities

@@ -170,7 +170,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {'steps': total_steps}
   if config.eval.probe:
     from aacp_jax.eval import probe
-    results['probe'] = probe.evaluate_pretrained(config, model, state, root, mesh)
+    results['probe'] = probe.evaluate_pretrained(config, model, state, root)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
         json.dump(results, f, indent=2)
