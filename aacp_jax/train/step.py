@@ -10,44 +10,31 @@ import jax.numpy as jnp
 import optax
 
 from aacp_jax import augment, losses
+from aacp_jax.augment import spatial
 from aacp_jax.train.state import TrainState
 
 _MODALITY_IDS = {'ct': 0, 'mri': 1, 'xray': 2}
 
 
-def two_views(key, batch_m, modality, aug_cfg, return_transform=False):
-  """Two independently augmented views of one modality's raw batch, stacked [view1; view2].
+def two_views(key, batch_m, modality, aug_cfg):
+  """Two independently augmented views of one modality's raw batch.
 
-  Returns the (2B, H, W, C) images; with `return_transform=True` a dict {'image', 'landmarks',
-  'landmark_visible', 'linear'} of the views stacked the same way: landmarks and their visibility
-  after augmentation, and the per-sample 2x2 `linear` (original -> augmented frame).
+  Returns {'image', 'landmarks', 'landmark_visible', 'linear'}, each stacked [view1; view2]:
+  the images, the landmarks and their visibility after augmentation, and the per-sample 2x2
+  `linear` part of the transform (original -> augmented frame).
   """
   images = batch_m['image'].astype(jnp.float32)
-  k1, k2 = jax.random.split(key)
-  parts = []
-  for k in (k1, k2):
-    parts.append(augment.augment_batch(
-        k, images, batch_m['landmarks'], batch_m['landmark_visible'], modality, aug_cfg,
-        return_transform=True))
+  parts = [augment.augment_batch(k, images, batch_m['landmarks'], batch_m['landmark_visible'],
+                                 modality, aug_cfg, return_transform=True)
+           for k in jax.random.split(key)]
   stacked = [jnp.concatenate(p, axis=0) for p in zip(*parts)]
-  if not return_transform:
-    return stacked[0]
   return dict(zip(('image', 'landmarks', 'landmark_visible', 'linear'), stacked))
 
 
 def make_views(key, batch, config):
-  """{m: two_views(..., return_transform=True)} for every enabled modality (the step's RNG)."""
-  return {m: two_views(jax.random.fold_in(key, _MODALITY_IDS[m]), batch[m], m, config.augment,
-                       return_transform=True)
+  """{m: two_views(...)} for every enabled modality (the step's RNG)."""
+  return {m: two_views(jax.random.fold_in(key, _MODALITY_IDS[m]), batch[m], m, config.augment)
           for m in config.modalities}
-
-
-def _inv2x2(a):
-  """Batched closed-form inverse of (N, 2, 2) matrices."""
-  det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-  adj = jnp.stack([jnp.stack([a[:, 1, 1], -a[:, 0, 1]], -1),
-                   jnp.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], -2)
-  return adj / det[:, None, None]
 
 
 def _contrastive_accuracy(z1, z2):
@@ -56,17 +43,13 @@ def _contrastive_accuracy(z1, z2):
   return jnp.mean(hits.astype(jnp.float32))
 
 
-def spatial_weight(config):
-  return float(config.loss.get('spatial_weight', 0.0))
-
-
 def views_loss(params, batch_stats, batch, views, *, model, config):
   """The loss on already augmented views (`make_views`); see `loss_fn`."""
   out, new_vars = model.apply(
       {'params': params, 'batch_stats': batch_stats}, {m: views[m]['image'] for m in views},
       train=True, mutable=['batch_stats'])
   total_n = sum(batch[m]['image'].shape[0] for m in config.modalities)
-  lam = spatial_weight(config)
+  lam = float(config.loss.get('spatial_weight', 0.0))
   loss = 0.0
   metrics = {}
   for m in config.modalities:
@@ -99,7 +82,7 @@ def spatial_term(pred, views_m, batch_m):
   """
   p1, p2 = jnp.split(pred, 2, axis=0)
   v1, v2 = jnp.split(views_m['landmark_visible'], 2, axis=0)
-  a1, a2 = jnp.split(_inv2x2(views_m['linear'].astype(jnp.float32)), 2, axis=0)
+  a1, a2 = jnp.split(jax.vmap(spatial.inv2)(views_m['linear'].astype(jnp.float32)), 2, axis=0)
   ref, ref_vis = batch_m['landmarks'], batch_m['landmark_visible']
   return 0.5 * (losses.spatial_consistency(p1, v1, ref, ref_vis, a1)
                 + losses.spatial_consistency(p2, v2, ref, ref_vis, a2))
