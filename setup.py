@@ -26,9 +26,11 @@ setuptools.setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "prep": ["SimpleITK>=2.3", "nibabel>=5.2", "pydicom>=2.4", "scikit-image>=0.22", "pillow>=10"],
+        "prep": ["SimpleITK>=2.3", "nibabel>=5.2", "pydicom>=2.4", "scikit-image>=0.22", "pillow>=10",
+                 "nilearn>=0.10"],
         "eval": ["scikit-learn>=1.4", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # pydicom-data: the radiographs the prep tests read (shipped files, nothing downloaded).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pydicom-data>=1.0"],
         "gpu": ["jax[cuda12]>=0.4.35"],
         "tfds": ["tensorflow-datasets>=4.9.6"],
     },

@@ -27,6 +27,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from aacp_jax import sharding
+from data_prep import bench_prep  # defines the `prep` command's flags; heavy imports stay inside it.
 from aacp_jax.modalities import IN_CHANNELS
 
 FLAGS = flags.FLAGS
@@ -186,7 +187,8 @@ def bench_input(config):
 
 
 def main(argv):
-  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment}
+  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment,
+              'prep': lambda config: bench_prep.run(_emit)}
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')
   commands[argv[1]](FLAGS.config)

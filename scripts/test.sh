@@ -6,6 +6,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v 'is ignored' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,prep]' 2>&1 | grep -v 'is ignored' || true
 # -n 2: both cores; tests that measure nothing about timing, so parallelism only saves wall time.
 exec .venv/bin/python -m pytest -q -n 2 tests "$@"

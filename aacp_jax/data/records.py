@@ -33,7 +33,10 @@ IMAGE_SPEC = {'ct': (np.dtype(np.int16), 64), 'mri': (np.dtype(np.float16), 3),
 _STR_KEYS = ('modality', 'region', 'source', 'subject')
 REQUIRED_KEYS = ('image', 'spacing', 'landmarks', 'landmark_visible', 'landmarks_canonical',
                  'organs') + _STR_KEYS
-OPTIONAL_KEYS = ('mask', 'label')
+# label: one class index; labels: multi-label findings (-1 uncertain, 0 negative or not mentioned,
+# 1 positive; names in the manifest's label_names); target: a regression value (e.g. bone age in months);
+# landmark_confidence: the frozen detector's per-landmark confidence in [0, 1].
+OPTIONAL_KEYS = ('mask', 'label', 'labels', 'target', 'landmark_confidence')
 # Object, string and complex dtypes cannot round-trip through raw bytes safely.
 _ARRAY_KINDS = 'biuf'
 
@@ -171,3 +174,14 @@ def validate(record: dict[str, Any], *, where: str = '') -> None:
     _check_array(record, 'mask', where, np.uint8, image.shape[:2])
   if 'label' in record:
     _check_array(record, 'label', where, np.int32, ())
+  if 'labels' in record:
+    labels = _check_array(record, 'labels', where, np.int8, (None,))
+    if not np.isin(labels, (-1, 0, 1)).all():
+      _fail(where, 'labels', 'must hold only -1 (uncertain), 0 or 1')
+  if 'target' in record:
+    if not np.isfinite(_check_array(record, 'target', where, np.float32, ())):
+      _fail(where, 'target', 'must be finite')
+  if 'landmark_confidence' in record:
+    conf = _check_array(record, 'landmark_confidence', where, np.float32, (k,))
+    if not (np.isfinite(conf).all() and ((conf >= 0) & (conf <= 1)).all()):
+      _fail(where, 'landmark_confidence', 'must be finite and in [0, 1]')
