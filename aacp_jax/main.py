@@ -57,8 +57,16 @@ def main(argv):
       print('\nLinear probes on held-out phantom labels (test split):')
       print(format_table(results['probe']))
       print(f'Details: {os.path.join(FLAGS.workdir, "eval.json")}')
+  elif config.experiment == 'landmarks':
+    from aacp_jax.train import landmarks
+    results = landmarks.train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0 and 'modalities' in results:
+      print('\nLandmark detector on held-out images (test split):')
+      print(landmarks.format_table(results))
+      print(f'Details: {os.path.join(FLAGS.workdir, "eval.json")}')
   else:
-    raise ValueError(f'config.experiment={config.experiment!r}: expected one of: pretrain')
+    raise ValueError(f'config.experiment={config.experiment!r}: expected one of: pretrain, '
+                     'landmarks')
 
 
 def _one_line(e: BaseException) -> str:
