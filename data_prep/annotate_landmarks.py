@@ -28,13 +28,17 @@ import numpy as np
 from aacp_jax.data import pipeline
 from aacp_jax.data import shards
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Detector workdir.', required=True)
-_INPUT = flags.DEFINE_string('input', None, 'Shard root to annotate.', required=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'New shard root.', required=True)
-_SPLITS = flags.DEFINE_list('splits', None, 'Splits to annotate (default: all in --input).')
-_THRESHOLD = flags.DEFINE_float('threshold', None, 'Visibility threshold (default: the detector\'s).')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Records per detector call.')
+FLAGS = flags.FLAGS
 
+
+def define_flags():
+  """Only when run as a command: data_prep modules share names such as --input."""
+  flags.DEFINE_string('checkpoint', None, 'Detector workdir.', required=True)
+  flags.DEFINE_string('input', None, 'Shard root to annotate.', required=True)
+  flags.DEFINE_string('output', None, 'New shard root.', required=True)
+  flags.DEFINE_list('splits', None, 'Splits to annotate (default: all in --input).')
+  flags.DEFINE_float('threshold', None, "Visibility threshold (default: the detector's).")
+  flags.DEFINE_integer('batch_size', 64, 'Records per detector call.')
 
 def annotate(record, points, confidence, atlas, threshold):
   """The record with the detection written in (a new dict; the input is not modified)."""
@@ -120,8 +124,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, _SPLITS.value, _THRESHOLD.value,
-        _BATCH.value)
+    run(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.splits, FLAGS.threshold,
+        FLAGS.batch_size)
   except (ValueError, OSError, shards.ShardError) as e:
     # One line naming the culprit, exit status 2, as aacp_jax.main does for bad input.
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
@@ -129,4 +133,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

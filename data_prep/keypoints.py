@@ -51,17 +51,23 @@ from aacp_jax.augment import config as aug_config
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import shards
 
-_INPUT = flags.DEFINE_string('input', None, 'Shard root holding the images.', required=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'export: annotation folder; import: new shard root.',
-                              required=True)
-_MODALITY = flags.DEFINE_string('modality', 'xray', 'export: modality to export.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'export: split to export from.')
-_COUNT = flags.DEFINE_integer('count', 200, 'export: number of images (a seeded random subset).')
-_SEED = flags.DEFINE_integer('seed', 0, 'export: subset seed; import: split seed.')
-_CT_WINDOW = flags.DEFINE_string('ct_window', 'abdomen', 'export: CT window name.')
-_ANNOTATIONS = flags.DEFINE_string('annotations', None, 'import: keypoints .csv or .json.')
-_INDEX = flags.DEFINE_string('index', None, 'import: index.csv (default: beside --annotations).')
-_TEST_FRACTION = flags.DEFINE_float('test_fraction', 0.2, 'import: held-out share of subjects.')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Only when run as a command: data_prep modules share names such as --input."""
+  flags.DEFINE_string('input', None, 'Shard root holding the images.', required=True)
+  flags.DEFINE_string('output', None, 'export: annotation folder; import: new shard root.',
+                      required=True)
+  flags.DEFINE_string('modality', 'xray', 'export: modality to export.')
+  flags.DEFINE_string('split', 'train', 'export: split to export from.')
+  flags.DEFINE_integer('count', 200, 'export: number of images (a seeded random subset).')
+  flags.DEFINE_integer('seed', 0, 'export: subset seed; import: split seed.')
+  flags.DEFINE_string('ct_window', 'abdomen', 'export: CT window name.')
+  flags.DEFINE_string('annotations', None, 'import: keypoints .csv or .json.')
+  flags.DEFINE_string('index', None, 'import: index.csv (default: beside --annotations).')
+  flags.DEFINE_float('test_fraction', 0.2, 'import: held-out share of subjects.')
+
 
 INDEX_FILE = 'index.csv'
 _NAME_OK = set(lm.LANDMARKS) | {'none'}
@@ -245,19 +251,20 @@ def main(argv):
                          '--output=... (see the module docstring)')
   try:
     if argv[1] == 'export':
-      names = export(_INPUT.value, _OUTPUT.value, _MODALITY.value, _SPLIT.value, _COUNT.value,
-                     _SEED.value, _CT_WINDOW.value)
-      print(f'{len(names)} images in {_OUTPUT.value}/images; index {_OUTPUT.value}/{INDEX_FILE}')
+      names = export(FLAGS.input, FLAGS.output, FLAGS.modality, FLAGS.split, FLAGS.count,
+                     FLAGS.seed, FLAGS.ct_window)
+      print(f'{len(names)} images in {FLAGS.output}/images; index {FLAGS.output}/{INDEX_FILE}')
     else:
-      if not _ANNOTATIONS.value:
+      if not FLAGS.annotations:
         raise ValueError('--annotations: required for import (a .csv or .json keypoint file)')
-      counts = import_annotations(_INPUT.value, _OUTPUT.value, _ANNOTATIONS.value, _INDEX.value,
-                                  _SEED.value, _TEST_FRACTION.value)
-      print(f'annotated records written to {_OUTPUT.value}: {counts}')
+      counts = import_annotations(FLAGS.input, FLAGS.output, FLAGS.annotations, FLAGS.index,
+                                  FLAGS.seed, FLAGS.test_fraction)
+      print(f'annotated records written to {FLAGS.output}: {counts}')
   except (ValueError, OSError, KeyError, shards.ShardError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

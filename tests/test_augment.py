@@ -265,3 +265,23 @@ def test_linear_transform_makes_spatial_loss_vanish():
   assert float(losses.spatial_consistency(lm2, vis2, lm, vis, a_inv)) < 1e-9
   eye = jnp.tile(jnp.eye(2), (8, 1, 1))  # ignoring the transform is penalised
   assert float(losses.spatial_consistency(lm2, vis2, lm, vis, eye)) > 1e-4
+
+
+def test_batched_noise_equals_the_per_sample_path():
+  """The batch draws noise only for samples whose noise op fired (a real branch per sample); each
+  row still equals augment_one with its own key, noise and cutout included."""
+  rng = np.random.default_rng(6)
+  images = rng.uniform(0, 255, size=(4, 16, 16, 1)).astype(np.float32)
+  lm = rng.uniform(0.2, 0.8, size=(4, K, 2)).astype(np.float32)
+  vis = np.ones((4, K), bool)
+  cfg = _cfg(**{'noise.p': 0.5, 'cutout.p': 1.0, 'noise.std': 0.5})
+  key = jax.random.PRNGKey(11)
+  batch = np.asarray(augment.augment_batch(key, images, lm, vis, 'xray', cfg)[0])
+  fired = []
+  for b, k in enumerate(jax.random.split(key, 4)):
+    one = np.asarray(augment.augment_one(k, images[b], lm[b], vis[b], 'xray', cfg)[0])
+    np.testing.assert_allclose(one, batch[b], atol=1e-5)
+    fired.append(bool(augment.sample_params(k, lm[b], vis[b], 'xray', cfg)['fired']['noise']))
+    hole = one[..., 0] == cfg.cutout.fill
+    assert hole.any()  # cutout fired and its fill is exact despite the noise
+  assert any(fired) and not all(fired)  # both branches exercised by this key

@@ -23,22 +23,32 @@ def normalise(images, modality, cfg):
 
 
 def photometric(image, params, modality, cfg):
-  """Brightness, contrast (about the image mean), clip, Gaussian noise. Identity params = no-op."""
+  """Brightness, contrast (about the image mean), clip. Identity params = no-op. Noise is separate
+  (`noise`): it is the costliest op, and the batched path draws it only for samples that fire."""
   x = image + params['brightness']
   mean = jnp.mean(x)
   x = (x - mean) * params['contrast'] + mean
   if cfg.clip_unit and modality in ('ct', 'xray'):
     x = jnp.clip(x, 0.0, 1.0)
-  noise = jax.random.normal(params['noise_key'], x.shape, jnp.float32)
-  return x + params['noise_std'] * noise
+  return x
 
 
-def cutout(image, box, fired, fill):
-  """Fill the box (cy, cx, h, w) in normalised units; partially outside boxes are allowed."""
-  hgt, wid, _ = image.shape
+def noise(params, shape, hole):
+  """Additive Gaussian noise std·N(0, 1) from the sample's own key, zero inside the cutout hole
+  (cutout comes last, so its fill stays exact)."""
+  n = params['noise_std'] * jax.random.normal(params['noise_key'], shape, jnp.float32)
+  return jnp.where(hole[..., None], 0.0, n)
+
+
+def cutout_hole(shape, box, fired):
+  """(H, W) bool: the box (cy, cx, h, w) in normalised units when fired; may cross the border."""
+  hgt, wid = shape[:2]
   yy = (jnp.arange(hgt) + 0.5) / hgt
   xx = (jnp.arange(wid) + 0.5) / wid
   in_y = jnp.abs(yy - box[0]) <= box[2] / 2
   in_x = jnp.abs(xx - box[1]) <= box[3] / 2
-  hole = fired & in_y[:, None] & in_x[None, :]
+  return fired & in_y[:, None] & in_x[None, :]
+
+
+def cutout(image, hole, fill):
   return jnp.where(hole[..., None], jnp.float32(fill), image)

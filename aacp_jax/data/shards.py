@@ -154,12 +154,44 @@ def write_split(root: str, split: str, records_by_modality: Mapping[str, Iterabl
         'count': sum(f['count'] for f in files), 'files': files, 'shapes': summary.shapes,
         'dtypes': summary.dtypes, 'label_counts': summary.labels or None}
 
+  return write_manifest(root, split, modalities, seed=seed, code_version=code_version,
+                        label_names=label_names, meta=meta)
+
+
+def write_shard(path: str, payloads: Iterable[bytes]) -> dict:
+  """One shard from already encoded records (tmp file + rename); returns its manifest ``files`` entry.
+
+  For writers that produce shards one at a time (``data_prep.runner``: one shard per worker task).
+  """
+  return _write_shard(path, payloads)
+
+
+def write_manifest(root: str, split: str, modalities: Mapping[str, dict], *, seed: int,
+                   code_version: str | None = None,
+                   label_names: Mapping[str, list[str]] | None = None,
+                   meta: Mapping[str, Any] | None = None) -> dict:
+  """Writes ``ROOT/<split>/manifest.json`` for shards already on disk; returns the manifest.
+
+  ``modalities``: per modality ``{count, files, shapes, dtypes, label_counts}`` as ``write_split``
+  builds them. An existing manifest that differs only in ``created`` is left untouched, so an
+  unchanged re-run of a converter leaves every output byte as it was.
+  """
+  manifest_path = os.path.join(root, split, MANIFEST)
   manifest = {
       'format_version': FORMAT_VERSION, 'record_version': rec.VERSION, 'split': split,
       'seed': seed, 'code_version': code_version or _code_version(),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'label_names': dict(label_names) if label_names else None,
-      'meta': dict(meta) if meta else None, 'modalities': modalities}
+      'meta': dict(meta) if meta else None, 'modalities': dict(modalities)}
+  # Round-trip through JSON so tuples and lists compare equal to what a reader sees.
+  manifest = json.loads(json.dumps(manifest))
+  try:
+    with open(manifest_path, encoding='utf-8') as f:
+      old = json.load(f)
+    if {**old, 'created': None} == {**manifest, 'created': None}:
+      return old
+  except (OSError, ValueError):
+    pass
   tmp = f'{manifest_path}.tmp-{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(manifest, f, indent=1, sort_keys=True)

@@ -1,0 +1,216 @@
+"""data_prep.runner and data_prep.privacy: splits, rejects, resume, workers, crashes, manifest, salt."""
+import json
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from aacp_jax.data import landmarks as lm
+from aacp_jax.data import shards
+from data_prep import privacy
+from data_prep import runner
+
+SALT = b'test-salt-0123456789'
+CALLS = []  # keys converted in this process (workers=0): what a resumed run must not redo
+
+
+class _KindError(ValueError):
+  """Stands in for data_prep.ops.PrepError: an exception that carries its own kind and reason."""
+
+  def __init__(self, kind, reason):
+    super().__init__(reason)
+    self.kind, self.reason = kind, reason
+
+
+def convert(item, subject, options):
+  """Module level, so spawned workers import it as tests.test_prep_runner:convert."""
+  del subject
+  CALLS.append(item.key)
+  p = item.payload
+  if p.get('reject'):
+    raise runner.Reject(p['reject'], f'{item.key}: planted')
+  if p.get('boom'):
+    raise ZeroDivisionError('planted\nover two lines')
+  if p.get('kind_error'):
+    raise _KindError('geometry', f'{item.key}: slices not evenly spaced')
+  if p.get('crash'):
+    if multiprocessing.parent_process() is None:
+      raise runner.Reject('crash', 'inline stand-in for a worker crash')
+    os._exit(7)  # a native crash: the worker process dies without an exception
+  for j in range(p.get('n', 1)):
+    v = (p['v'] * 7 + j) % 251
+    yield {'image': np.full((6, 5, 1), v, np.uint8), 'modality': 'xray', 'region': 'chest',
+           'spacing': np.array([0.5, 0.25, 0.0], np.float32), 'label': np.array(v % 2, np.int32),
+           'target': np.array(v, np.float32)}
+
+
+def _items(n=24, **planted):
+  out = []
+  for i in range(n):
+    payload = {'v': i, 'n': 1 + i % 2}
+    for name, index in planted.items():
+      if i == index:
+        payload[name] = 'corrupt' if name == 'reject' else True
+    out.append(runner.Item(key=f'img/{i:03d}.png', subject=f'PAT{i // 3}', modality='xray',
+                           payload=payload))
+  return out
+
+
+def _options(out, **kw):
+  kw = {'items_per_shard': 5, 'progress': False, 'workers': 0, 'val_fraction': 0.2,
+        'test_fraction': 0.2, **kw}
+  return runner.Options(input='/nonexistent', output=str(out), salt=SALT, **kw)
+
+
+def _tree(root):
+  """{relative path: bytes} of every file under root (manifests without their timestamp)."""
+  out = {}
+  for base, _, names in os.walk(root):
+    for n in names:
+      path = os.path.join(base, n)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def _rejects(out):
+  with open(os.path.join(out, 'rejects.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_salt_loading_and_hashes(tmp_path):
+  with pytest.raises(ValueError, match='exactly one of --salt or --salt_file'):
+    privacy.load_salt()
+  with pytest.raises(ValueError, match='exactly one'):
+    privacy.load_salt('a' * 20, 'f')
+  with pytest.raises(ValueError, match=r'--salt: salt has 5 bytes, need >= 16') as e:
+    privacy.load_salt('short')
+  assert 'short' not in str(e.value)  # the message never echoes the secret
+  with pytest.raises(ValueError, match='unreadable'):
+    privacy.load_salt(salt_file=str(tmp_path / 'missing'))
+  (tmp_path / 'salt').write_text(SALT.decode() + '\n')
+  assert privacy.load_salt(salt_file=str(tmp_path / 'salt')) == SALT
+  h = privacy.subject_hash(SALT, 'ds', 'PAT1')
+  assert len(h) == 20 and h == privacy.subject_hash(SALT, 'ds', 'PAT1')
+  assert h != privacy.subject_hash(SALT + b'x', 'ds', 'PAT1')  # keyed: no salt, no lookup table
+  assert h != privacy.subject_hash(SALT, 'other', 'PAT1')  # same id in two datasets: two subjects
+  assert privacy.salt_fingerprint(SALT) != privacy.salt_fingerprint(SALT + b'x')
+  # The split draw depends on seed and id, not on the salt (teams with different salts agree).
+  u = [privacy.split_unit(0, 'ds', f'P{i}') for i in range(2000)]
+  assert 0 <= min(u) and max(u) < 1 and abs(np.mean(u) - 0.5) < 0.03
+  assert privacy.split_unit(1, 'ds', 'P1') != privacy.split_unit(0, 'ds', 'P1')
+
+
+def test_run_splits_rejects_manifest(tmp_path):
+  out = tmp_path / 'out'
+  items = _items(reject=3, boom=4, kind_error=5)
+  listing = [('img/999.png', 'missing_label', 'no row in labels.csv')]
+  status = runner.run('toy', items + items[:1], convert, _options(out), rejects=listing,
+                      label_names=['a'])
+  assert status == 1
+  rows = {r['key']: r for r in _rejects(out)}
+  assert rows['img/003.png']['kind'] == 'corrupt' and 'planted' in rows['img/003.png']['reason']
+  assert rows['img/004.png'] == {'key': 'img/004.png', 'kind': 'error',
+                                 'reason': 'ZeroDivisionError: planted over two lines'}
+  assert rows['img/005.png']['kind'] == 'geometry'
+  assert rows['img/999.png']['kind'] == 'missing_label'
+  assert [r['kind'] for r in _rejects(out) if r['key'] == 'img/000.png'] == ['duplicate']
+  seen, subjects = {}, {}
+  for split in ('train', 'val', 'test'):
+    manifest = shards.read_manifest(str(out), split)
+    assert manifest['label_names'] == {'xray': ['a']}
+    assert manifest['meta']['salt_fingerprint'] == privacy.salt_fingerprint(SALT)
+    assert manifest['meta']['rejected_in_run'] == {'corrupt': 1, 'duplicate': 1, 'error': 1,
+                                                   'geometry': 1, 'missing_label': 1}
+    stats = manifest['meta']['stats']['xray']
+    assert stats['spacing_mm']['min'] == [0.5, 0.25, 0.0] and stats['image_hw']['max'] == [6, 5]
+    src = shards.open_source(str(out), split, 'xray')
+    for i in range(len(src)):
+      r = src[i]
+      v = int(r['image'][0, 0, 0])
+      seen[v] = split
+      subjects.setdefault(r['subject'], set()).add(split)
+      assert r['source'] == 'toy' and r['target'] == v and r['label'] == v % 2
+      assert not r['landmark_visible'].any() and (r['landmarks'] == 0).all()
+      np.testing.assert_array_equal(r['organs'], lm.organ_multi_hot(runner.REGION_ORGANS['chest']))
+    # Imported here: it pulls in jax, and spawned workers import this module (keep them light).
+    from aacp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    arrays = pipeline.load_split_arrays(str(out), split, 'xray', 8)
+    assert len(arrays['label']) == len(src)
+  # Every good item is there with all its records; every subject sits in exactly one split.
+  good = [i for i in range(24) if i not in (3, 4, 5)]
+  assert sorted(seen) == sorted({(i * 7 + j) % 251 for i in good for j in range(1 + i % 2)})
+  assert all(len(s) == 1 for s in subjects.values()) and len(subjects) == 7  # PAT1: all rejected
+  assert {s for v in subjects.values() for s in v} == {'train', 'val', 'test'}
+  # Neither raw subject ids nor the salt reach any output byte.
+  blob = b''.join(_tree(out).values())
+  assert b'PAT' not in blob and SALT not in blob
+
+
+def test_split_of_and_leaks(tmp_path):
+  items = _items(n=9)
+  # Subject PAT0 (items 0-2) has one image in test: all of it stays in test, the rest are leaks.
+  official = {'img/000.png': 'train', 'img/001.png': 'test', 'img/002.png': 'val'}
+  status = runner.run('toy', items, convert, _options(tmp_path),
+                      split_of=lambda it: official.get(it.key, 'train'))
+  assert status == 1
+  assert {(r['key'], r['kind']) for r in _rejects(tmp_path)} == {
+      ('img/000.png', 'split_leak'), ('img/002.png', 'split_leak')}
+  assert shards.read_manifest(str(tmp_path), 'test')['modalities']['xray']['count'] == 2
+  assert shards.read_manifest(str(tmp_path), 'train')['meta']['items'] == 6
+  with pytest.raises(ValueError, match="returned 'dev'"):
+    runner.run('toy', items, convert, _options(tmp_path / 'x'), split_of=lambda it: 'dev')
+
+
+def test_resume_skips_finished_shards_byte_identical(tmp_path):
+  items = _items(reject=2)
+  assert runner.run('toy', items, convert, _options(tmp_path)) == 1
+  first = _tree(tmp_path)
+  CALLS.clear()
+  assert runner.run('toy', items, convert, _options(tmp_path)) == 1
+  assert CALLS == [] and _tree(tmp_path) == first  # nothing converted, not one byte changed
+  # A crash mid-run: the shard file of one shard is lost; only that shard is redone.
+  victim = sorted(p for p in first if p.startswith('train/xray-'))[0]
+  os.remove(tmp_path / victim)
+  assert runner.run('toy', items, convert, _options(tmp_path)) == 1
+  assert 0 < len(CALLS) <= 5 and _tree(tmp_path) == first
+  # Changed input (one payload) redoes exactly the shard holding it.
+  CALLS.clear()
+  changed = [runner.Item(it.key, it.subject, it.modality, {**it.payload, 'v': 200})
+             if it.key == 'img/010.png' else it for it in items]
+  runner.run('toy', changed, convert, _options(tmp_path))
+  assert 'img/010.png' in CALLS and len(CALLS) <= 5
+  # Fewer inputs renumber the shards; files of the old plan go, split folders hold only the new one.
+  runner.run('toy', items[:8], convert, _options(tmp_path, test_fraction=0))
+  assert not os.listdir(tmp_path / 'test')
+  for split in ('train', 'val'):
+    files = shards.read_manifest(str(tmp_path), split)['modalities']['xray']['files']
+    listed = {f['name'] for f in files}
+    assert set(os.listdir(tmp_path / split)) == listed | {'manifest.json'}
+
+
+def test_workers_match_inline_and_survive_a_crash(tmp_path):
+  items = _items(crash=7)
+  assert runner.run('toy', items, convert, _options(tmp_path / 'w0')) == 1
+  assert runner.run('toy', items, convert, _options(tmp_path / 'w2', workers=2)) == 1
+  a, b = _tree(tmp_path / 'w0'), _tree(tmp_path / 'w2')
+  for path in a:
+    if path.endswith('.array_record'):
+      assert a[path] == b[path], path
+    if path.endswith('manifest.json'):
+      strip = lambda m: {k: v for k, v in json.loads(m).items() if k != 'created'}
+      assert strip(a[path]) == strip(b[path]), path
+  crash = [r for r in _rejects(tmp_path / 'w2') if r['kind'] == 'crash']
+  assert [r['key'] for r in crash] == ['img/007.png'] and 'worker process died' in crash[0]['reason']
+
+
+def test_bad_options_and_converters(tmp_path):
+  with pytest.raises(ValueError, match='val_fraction'):
+    runner.run('toy', [], convert, _options(tmp_path, val_fraction=0.6, test_fraction=0.5))
+  with pytest.raises(ValueError, match='salt has 3 bytes'):
+    runner.run('toy', [], convert, runner.Options(input='i', output=str(tmp_path), salt=b'abc'))
+  with pytest.raises(ValueError, match='module-level function'):
+    runner.run('toy', _items(2), lambda item, s, o: [], _options(tmp_path))
+  assert 'salt' not in repr(_options(tmp_path)).split('output')[1].split(',')[1]
+  assert SALT.decode() not in repr(_options(tmp_path))
