@@ -1,7 +1,11 @@
 """Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment} --config=...`.
 
-  step   compile seconds, median step seconds, examples/s and peak memory of the jitted train step
-         on random inputs of the configured shapes (no data needed).
+  step   for each of --variants (default full,minimal, applied on top of --config): compile
+         seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
+         forward of every output) and peak memory, on random inputs of the configured shapes (no
+         data needed), the variants timed in turn (round robin); then one `step_ratio` row, the
+         first variant over the last (the paper's Table 6 note: full / minimal = 1.68x per
+         epoch, 1.28x at inference). Peak memory is the process's, so cumulative over variants.
   input  host input pipeline records/s per modality over the configured shards (phantoms when
          config.data.root is empty; they are built under --workdir first).
   augment
@@ -11,6 +15,7 @@
 
 Speed targets live here, never in timed tests.
 """
+import copy
 import functools
 import json
 import resource
@@ -36,6 +41,8 @@ config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config file[:v
 flags.DEFINE_integer('steps', 10, 'Timed iterations after warm-up.')
 flags.DEFINE_integer('warmup', 2, 'Untimed iterations after compilation.')
 flags.DEFINE_string('workdir', None, 'Where `input` builds phantoms (default: a temp dir).')
+flags.DEFINE_list('variants', ['full', 'minimal'],
+                  '`step`: configs/pretrain.py variants applied on top of --config, timed in turn.')
 
 _RAW_DTYPES = {'ct': np.int16, 'mri': np.float16, 'xray': np.uint8}
 
@@ -97,32 +104,78 @@ def _config_fields(config):
               depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size)
 
 
-def bench_step(config):
+def _variant_config(config, variant):
+  """--config with one more configs/pretrain.py variant applied (a copy; --config stays as is)."""
+  from configs import pretrain
+  if variant not in pretrain.VARIANTS:
+    raise app.UsageError(f'--variants: unknown variant {variant!r}; known: '
+                         f'{", ".join(pretrain.sweep())}')
+  c = copy.deepcopy(config)
+  pretrain.VARIANTS[variant](c)
+  c.variant = ','.join(v for v in (config.get('variant', ''), variant) if v)
+  return c
+
+
+def _compile_variant(config):
+  """Setup, compiled train step (state donated) and compiled eval-mode forward of one config."""
+  from aacp_jax import augment
   from aacp_jax.train.step import train_step
 
   s = _setup(config)
+  s.config = config
   step = jax.jit(functools.partial(train_step, model=s.model, tx=s.tx, schedule=s.schedule,
                                    config=config),
                  in_shardings=(s.shardings, sharding.batch_sharded(s.mesh)),
                  out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = step.lower(s.state, s.batch).compile()
-  compile_s = time.perf_counter() - t0
-  state = s.state
-  # The state is donated, so each call takes the previous call's output (no _median_time).
-  for _ in range(FLAGS.warmup):
-    state, metrics = compiled(state, s.batch)
+  s.step = step.lower(s.state, s.batch).compile()
+  s.compile_s = time.perf_counter() - t0
+  # Inference = every head's output in eval mode, on preprocessed images (no augmentation).
+  s.images = {m: augment.preprocess(s.batch[m]['image'].astype(jnp.float32), m, config.augment)
+              for m in config.modalities}
+  fwd = jax.jit(lambda v, x: s.model.apply(v, x, train=False),
+                in_shardings=(sharding.replicated(s.mesh), sharding.batch_sharded(s.mesh)))
+  s.forward = fwd.lower(s.state.variables, s.images).compile()
+  return s
+
+
+def _run_step(s):
+  # The state is donated, so each call takes the previous call's output.
+  s.state, metrics = s.step(s.state, s.batch)
   jax.block_until_ready(metrics)
-  times = []
+
+
+def _run_forward(s):
+  jax.block_until_ready(s.forward(s.state.variables, s.images))
+
+
+def bench_step(config):
+  runs = {v: _compile_variant(_variant_config(config, v)) for v in FLAGS.variants}
+  for s in runs.values():
+    for _ in range(FLAGS.warmup):
+      _run_step(s)
+      _run_forward(s)
+  # Round robin: on a shared machine a load change then hits every variant alike, so the ratio
+  # stays meaningful even when the absolute times drift.
+  times = {v: {'step': [], 'forward': []} for v in runs}
   for _ in range(FLAGS.steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, s.batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  median = statistics.median(times)
-  _emit(bench='step', **_config_fields(config), compile_s=round(compile_s, 3),
-        median_step_s=round(median, 5), examples_per_s=round(config.batch_size / median, 2),
-        **peak_memory_bytes())
+    for v, s in runs.items():
+      for kind, fn in (('step', _run_step), ('forward', _run_forward)):
+        t0 = time.perf_counter()
+        fn(s)
+        times[v][kind].append(time.perf_counter() - t0)
+  medians = {v: {k: statistics.median(t) for k, t in ts.items()} for v, ts in times.items()}
+  for v, s in runs.items():
+    c, med = s.config, medians[v]
+    _emit(bench='step', **_config_fields(c), compile_s=round(s.compile_s, 3),
+          median_step_s=round(med['step'], 5), examples_per_s=round(c.batch_size / med['step'], 2),
+          median_inference_s=round(med['forward'], 5), **peak_memory_bytes())
+  if len(runs) > 1:
+    first, last = FLAGS.variants[0], FLAGS.variants[-1]
+    _emit(bench='step_ratio', variants=f'{first}/{last}', **{
+        k: v for k, v in _config_fields(config).items() if k != 'variant'},
+          train_step_ratio=round(medians[first]['step'] / medians[last]['step'], 3),
+          inference_ratio=round(medians[first]['forward'] / medians[last]['forward'], 3))
 
 
 def _median_time(fn, *args):

@@ -1,8 +1,11 @@
 """`python -m aacp_jax.inspect --config=configs/pretrain.py[:VARIANT]`: model size as JSON.
 
-Parameter counts per component (each modality encoder, the shared projector, total) come from
-`jax.eval_shape`, so a ResNet-50 is never materialised; FLOPs per example come from XLA's cost
-analysis of the compiled inference forward pass, one modality at a time.
+Parameter counts per submodule (`params`: encoder_<m>, fpn_<m>, levels_<m>, roi_<m>,
+landmarks_<m>, projector, total) and per component (`components`: the encoder of each modality,
+the feature pyramid with its level projections, the shared projector, the landmark heads, ROI
+attention) come from `jax.eval_shape`, so a ResNet-50 is never materialised. FLOPs per example
+come from XLA's cost analysis of the compiled eval-mode forward pass of every output (embedding,
+pyramid levels, landmarks, attention map), one modality at a time.
 """
 import json
 
@@ -41,6 +44,21 @@ def parameter_counts(config) -> dict:
   return out
 
 
+# Component -> submodule name prefixes (a submodule per modality for all but the projector).
+COMPONENTS = {'fpn': ('fpn_', 'levels_'), 'projector': ('projector',),
+              'landmark_head': ('landmarks_',), 'roi_attention': ('roi_',)}
+
+
+def component_counts(params_counts: dict) -> dict:
+  """{'encoder_<m>': n for each modality, 'fpn', 'projector', 'landmark_head', 'roi_attention'};
+  a component that is off counts 0."""
+  out = {k: v for k, v in params_counts.items() if k.startswith('encoder_')}
+  for name, prefixes in COMPONENTS.items():
+    out[name] = sum(v for k, v in params_counts.items()
+                    if k not in ('total', 'batch_stats') and k.startswith(prefixes))
+  return out
+
+
 def flops_per_example(config) -> dict:
   model = encoders.build_model(config.model, config.modalities)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
@@ -48,7 +66,8 @@ def flops_per_example(config) -> dict:
   out = {}
   batch = 8
   for m, x in dummy_inputs(config, batch).items():
-    fwd = jax.jit(lambda v, x, m=m: model.apply(v, {m: x}, train=False)[m]['z'])
+    # Every output, so XLA keeps every head (returning only 'z' would prune the pyramid).
+    fwd = jax.jit(lambda v, x, m=m: model.apply(v, {m: x}, train=False)[m])
     cost = fwd.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[m] = float(cost.get('flops', float('nan'))) / batch
@@ -61,6 +80,7 @@ def main(argv):
   report = {'variant': config.get('variant', ''), 'image_size': config.data.image_size,
             'depth': config.model.depth, 'width': config.model.width,
             'params': parameter_counts(config)}
+  report['components'] = component_counts(report['params'])
   if FLAGS.flops:
     report['flops_per_example_forward'] = flops_per_example(config)
   print(json.dumps(report, indent=2))

@@ -135,3 +135,104 @@ def triplet(anchor, positive, margin, mining='hardest'):
   else:
     raise ValueError(f"mining must be 'hardest' or 'semihard', got {mining!r}")
   return jnp.mean(jnp.maximum(d_ap - d_an + jnp.float32(margin), 0.0))
+
+
+def multiscale_info_nce(levels1, levels2, weights, temperature, neg_weights=None):
+  """Multi-scale contrast (paper 3.2.3): `info_nce` on each pyramid level, weighted sum.
+
+  levels1, levels2: sequences of L (B, D_l) normalised level embeddings of view 1 / view 2;
+  weights: L non-negative floats (a 0 weight skips its level). With L_l = info_nce(level l),
+
+    L_ms = sum_l w_l L_l.
+
+  Returns (L_ms, [L_l for every level]); skipped levels report 0.
+  """
+  if not len(levels1) == len(levels2) == len(weights):
+    raise ValueError(f'multiscale_info_nce: {len(levels1)} / {len(levels2)} levels, '
+                     f'{len(weights)} weights')
+  total = jnp.float32(0.0)
+  per_level = []
+  for z1, z2, w in zip(levels1, levels2, weights):
+    if float(w) == 0:
+      per_level.append(jnp.float32(0.0))
+      continue
+    l = info_nce(z1, z2, temperature, neg_weights)
+    per_level.append(l)
+    total = total + jnp.float32(w) * l
+  return total, per_level
+
+
+def cross_modal_pairs(canonical, visible, organs, modality_ids, delta, *, landmark_mask=None,
+                      min_common=1, organ_weight=0.5):
+  """Pseudo-positive weights between samples of different modalities (paper 3.3.3), (N, N).
+
+  canonical (N, K, 2) landmarks in the canonical frontal frame, visible (N, K), organs (N, O)
+  multi-hot, modality_ids (N,) ints; landmark_mask (K,) bool = the named landmark set (None: all).
+  For i, j with m_i != m_j let C_ij = named landmarks visible in both. Then
+
+    landmark pair  <=>  |C_ij| >= min_common  and  ||c_il - c_jl||_2 < delta for EVERY l in C_ij,
+    organ pair     <=>  organs_i . organs_j > 0  (at least one organ label in common),
+
+    P_ij = 1 for a landmark pair, else organ_weight (0.5) for an organ pair, else 0;  P_ij = 0
+    whenever m_i == m_j (no pairs within one modality, the within-modality term owns those).
+
+  "Every commonly visible landmark within delta" reads the paper's "contain landmarks ...
+  within similar normalised coordinates (distance < 0.15)" as all of them, not any one.
+  """
+  c = jnp.asarray(canonical, jnp.float32)
+  vis = jnp.asarray(visible, bool)
+  if landmark_mask is not None:
+    vis = vis & jnp.asarray(landmark_mask, bool)[None, :]
+  common = vis[:, None, :] & vis[None, :, :]  # (N, N, K)
+  dist = _safe_norm(jnp.sum((c[:, None] - c[None, :]) ** 2, axis=-1))
+  n_common = jnp.sum(common, axis=-1)
+  all_close = jnp.all(~common | (dist < jnp.float32(delta)), axis=-1)
+  mod = jnp.asarray(modality_ids)
+  other = mod[:, None] != mod[None, :]
+  landmark_pair = other & (n_common >= min_common) & all_close
+  org = jnp.asarray(organs, jnp.float32)
+  organ_pair = other & ((org @ org.T) > 0)
+  return jnp.where(landmark_pair, 1.0,
+                   jnp.where(organ_pair, jnp.float32(organ_weight), 0.0)).astype(jnp.float32)
+
+
+def cross_modal_info_nce(z, modality_ids, pair_weights, temperature):
+  """InfoNCE over cross-modal candidates with weighted pseudo-positives.
+
+  z (N, D) normalised embeddings of all modalities in the shared space, modality_ids (N,),
+  pair_weights P (N, N) from `cross_modal_pairs`. s_ij = z_i . z_j / tau; candidates of anchor i
+  are the samples of the other modalities, X_i = {j : m_j != m_i}; positives Pos_i = {j : P_ij > 0}:
+
+    log p_ij = s_ij - log sum_{k in X_i} exp(s_ik),
+    L_i = -1/|Pos_i| sum_{j in Pos_i} P_ij log p_ij,
+    L = mean of L_i over anchors with |Pos_i| > 0   (0 if there is none).
+
+  Dividing by the count (not by sum P) keeps an organ-only pair at half the weight of a
+  landmark pair, the paper's "0.5x the standard positive pair loss contribution".
+  """
+  z = jnp.asarray(z, jnp.float32)
+  p = jnp.asarray(pair_weights, jnp.float32)
+  mod = jnp.asarray(modality_ids)
+  logits = z @ z.T / jnp.float32(temperature)
+  cand = mod[:, None] != mod[None, :]
+  lse = jax.nn.logsumexp(jnp.where(cand, logits, -jnp.inf), axis=1, keepdims=True)
+  # Rows without candidates (one modality only) have lse = -inf; they have no positives either.
+  log_p = jnp.where(cand, logits - jnp.where(jnp.isfinite(lse), lse, 0.0), 0.0)
+  pos = (p > 0) & cand
+  n_pos = jnp.sum(pos, axis=1).astype(jnp.float32)
+  per_anchor = -jnp.sum(jnp.where(pos, p * log_p, 0.0), axis=1) / jnp.maximum(n_pos, 1.0)
+  has = (n_pos > 0).astype(jnp.float32)
+  return jnp.sum(per_anchor * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def curriculum_weight(epoch, start, end, peak):
+  """lambda_cross(epoch) (paper 3.3.3): 0 before `start`, linear to `peak` at `end`, then `peak`.
+
+    lambda(e) = peak * clip((e - start) / (end - start), 0, 1);   end == start: a step at start.
+
+  Works on Python floats and traced arrays alike.
+  """
+  if end <= start:
+    return jnp.where(jnp.asarray(epoch) >= start, jnp.float32(peak), jnp.float32(0.0))
+  frac = jnp.clip((jnp.asarray(epoch, jnp.float32) - start) / (end - start), 0.0, 1.0)
+  return jnp.float32(peak) * frac

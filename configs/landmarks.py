@@ -18,13 +18,10 @@ Variants join with commas (`demo` composes with the others); `--config.x=y` over
 import ml_collections
 
 from aacp_jax import augment
+from configs import variants
 
-VARIANTS = {}
-
-
-def _variant(fn):
-  VARIANTS[fn.__name__] = fn
-  return fn
+VARIANTS = variants.Variants('configs/landmarks.py')
+_variant = VARIANTS.register
 
 
 def base_config():
@@ -93,12 +90,4 @@ def demo(c):
 
 
 def get_config(arg=None):
-  c = base_config()
-  names = [n.strip() for n in (arg or '').split(',') if n.strip()]
-  for name in names:
-    if name not in VARIANTS:
-      raise ValueError(f'configs/landmarks.py: unknown variant {name!r}; known: '
-                       f'{", ".join(sorted(VARIANTS))}')
-    VARIANTS[name](c)
-  c.variant = ','.join(names)
-  return c
+  return VARIANTS.apply(base_config(), arg)

@@ -1,28 +1,29 @@
-r"""Anatomy-aware contrastive pre-training (the paper's settings by default).
+r"""Anatomy-aware contrastive pre-training: the paper's full model (Table 6 row 1) by default.
 
 Commands (run from the repository root):
 
-  # CPU demo on built-in phantoms: pretrain, then linear probes. ~5-8 min on 2 cores.
+  # CPU demo of the full model on built-in phantoms: pretrain, then probes (2 shared cores: 15 min).
   python -m aacp_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/aacp_demo
 
   # Paper settings (ResNet-50, 224², batch 256, 200 epochs) on prepared shards; GPU cluster.
   python -m aacp_jax.main --config=configs/pretrain.py --workdir=$DIR \
       --config.data.root=/data/aacp_shards
 
+  # One Table 6 row, e.g. without the triplet loss, on CPU:
+  python -m aacp_jax.main --config=configs/pretrain.py:demo,no_triplet --workdir=/tmp/aacp_nt
+
 Variants are joined with commas, e.g. `configs/pretrain.py:demo,simclr`. Any value can be
-overridden on the command line, e.g. `--config.optim.lr=3e-4`. `sweep()` lists every variant.
+overridden on the command line, e.g. `--config.optim.lr=3e-4`. `sweep()` lists every variant;
+`TABLE6` the ablation rows in the paper's order.
 """
 import ml_collections
 
 from aacp_jax import augment
+from configs import variants
 
 # Each variant is a function editing the config in place; `demo` composes with the others.
-VARIANTS = {}
-
-
-def _variant(fn):
-  VARIANTS[fn.__name__] = fn
-  return fn
+VARIANTS = variants.Variants('configs/pretrain.py')
+_variant = VARIANTS.register
 
 
 def base_config():
@@ -51,6 +52,14 @@ def base_config():
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters and losses stay float32.
   # Per-modality landmark head (stride-8 soft-argmax) that the spatial-consistency loss trains.
   c.model.landmark_head = True
+  # Feature pyramid p2..p5 (strides 4..32) with the paper's widths, and one small projection per
+  # level (GAP + [hidden, out] MLP) for the multi-scale contrast (paper 3.2.3).
+  c.model.fpn = True
+  c.model.fpn_channels = (64, 128, 256, 512)
+  c.model.level_projector = (256, 128)
+  # ROI attention on c4 (paper 3.4.1); its map attention-pools c5 into `features` (and so `z`).
+  c.model.roi_attention = True
+  c.model.roi_features = 64
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.07
@@ -60,6 +69,24 @@ def base_config():
   # lambda_spatial (paper 3.2.1): spatial consistency between the landmark head on each augmented
   # view and the record's landmarks; needs model.landmark_head. 0 = off.
   c.loss.spatial_weight = 0.1
+  # Multi-scale contrast: InfoNCE per pyramid level p2..p5, weighted sum added to the contrast.
+  # The paper gives no weights; equal quarters keep the sum on the scale of one InfoNCE.
+  c.loss.multiscale_weights = (0.25, 0.25, 0.25, 0.25)
+  # Triplet (paper 3.4.2): anchor view 1, positive view 2, in-batch negative; 0 = off. The paper
+  # gives no weight or margin: 0.2 is FaceNet's margin on the unit sphere.
+  c.loss.triplet_weight = 0.5
+  c.loss.triplet_margin = 0.2
+  c.loss.triplet_mining = 'hardest'  # or 'semihard'
+  # Cross-modal alignment (paper 3.3.3): lambda_cross 0 before cross_start_epoch, linear to
+  # cross_weight at cross_end_epoch, then constant; 0 = off. The epochs are epochs of the
+  # num_epochs schedule; when total_steps sets the run length they scale with it (pretrain.py).
+  c.loss.cross_weight = 0.3
+  c.loss.cross_start_epoch = 50.0
+  c.loss.cross_end_epoch = 100.0
+  c.loss.cross_delta = 0.15  # canonical-frame distance; 0.10 / 0.20 for the sensitivity check
+  c.loss.cross_landmarks = ()  # the named landmark set; () = the whole vocabulary
+  c.loss.cross_min_common = 1  # landmarks of the set both samples must show
+  c.loss.cross_organ_weight = 0.5  # weak pairs sharing an organ label
 
   c.augment = augment.default_config()
 
@@ -85,7 +112,9 @@ def base_config():
 
 @_variant
 def demo(c):
-  """CPU-sized: a narrow ResNet-18 on 64² phantoms, a few hundred steps, minutes on 2 cores."""
+  """CPU-sized: a narrow ResNet-18 on 64² phantoms, a few hundred steps, minutes on 2 cores.
+  300 steps are 37.5 epochs of 8 steps, so the cross-modal curriculum scales to epochs 9.4-18.8
+  (steps 75-150) and the term is on for the second half of the run."""
   c.data.image_size = 64
   c.data.phantoms = ml_collections.ConfigDict({'train': 256, 'test': 128})
   c.batch_size = 64
@@ -94,6 +123,9 @@ def demo(c):
   c.model.width = 16
   c.model.projector = (256, 256, 128)
   c.model.dtype = 'float32'
+  c.model.fpn_channels = (16, 32, 64, 128)
+  c.model.level_projector = (64, 32)
+  c.model.roi_features = 16
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 20
   c.loss.temperature = 0.1
@@ -102,8 +134,23 @@ def demo(c):
 
 
 @_variant
+def full(c):
+  """Table 6 'Full model': every component (the default; named for sweeps and benchmarks)."""
+  del c
+
+
+def _optional_off(c):
+  """Switch the optional modules 4-7 (paper 1.3.3) off."""
+  no_multiscale(c)
+  no_roi(c)
+  no_triplet(c)
+  no_cross_modal(c)
+
+
+@_variant
 def simclr(c):
   """Table 6 'Minimal (SimCLR-style)': plain InfoNCE with standard random augmentation."""
+  _optional_off(c)
   c.augment.anatomy_aware = False
   c.loss.gamma = 0.0
   c.loss.spatial_weight = 0.0
@@ -112,8 +159,9 @@ def simclr(c):
 
 @_variant
 def minimal(c):
-  """Table 6 'Minimal' (components 1-3): anatomy-aware augmentation + spatial-consistency loss +
-  contrastive loss. Until FPN / ROI / triplet exist this equals the base config."""
+  """Paper 1.3.3 'Minimal deployment' (components 1-3): anatomy-aware augmentation +
+  spatial-consistency loss + contrastive loss; no pyramid, ROI attention, triplet, cross-modal."""
+  _optional_off(c)
   c.augment.anatomy_aware = True
   c.loss.gamma = 0.0
   c.model.landmark_head = True
@@ -133,18 +181,42 @@ def no_anatomy_aug(c):
   c.augment.anatomy_aware = False
 
 
+@_variant
+def no_multiscale(c):
+  """Table 6 ablation: no pyramid; contrast on the final-stage embedding only."""
+  c.model.fpn = False
+  c.loss.multiscale_weights = (0.0, 0.0, 0.0, 0.0)
+
+
+@_variant
+def no_roi(c):
+  """Table 6 ablation: no ROI attention; `features` are the global average of c5."""
+  c.model.roi_attention = False
+
+
+@_variant
+def no_triplet(c):
+  """Table 6 ablation: no triplet loss, contrastive only."""
+  c.loss.triplet_weight = 0.0
+
+
+@_variant
+def no_cross_modal(c):
+  """Table 6 ablation: within-modality learning only, no cross-modal alignment."""
+  c.loss.cross_weight = 0.0
+
+
+# Table 6 rows in the paper's order ('simclr' is its 'Minimal (SimCLR-style)' row; 'minimal' is
+# section 1.3.3's components 1-3, the paper's 1.68x training-time reference).
+TABLE6 = ('full', 'no_spatial', 'no_anatomy_aug', 'no_multiscale', 'no_roi', 'no_triplet',
+          'no_cross_modal', 'simclr', 'minimal')
+
+
 def sweep():
-  """Every variant name, for launch scripts that run the whole table."""
+  """Every variant name (the Table 6 rows and `demo`), for launch scripts that run the table;
+  combine a row with `demo` for CPU runs (`demo,no_roi`)."""
   return sorted(VARIANTS)
 
 
 def get_config(arg=None):
-  c = base_config()
-  names = [n.strip() for n in (arg or '').split(',') if n.strip()]
-  for name in names:
-    if name not in VARIANTS:
-      raise ValueError(
-          f'configs/pretrain.py: unknown variant {name!r}; known: {", ".join(sweep())}')
-    VARIANTS[name](c)
-  c.variant = ','.join(names)
-  return c
+  return VARIANTS.apply(base_config(), arg)

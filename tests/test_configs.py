@@ -43,6 +43,39 @@ def test_table6_variants():
   assert {'minimal', 'no_spatial', 'simclr', 'no_anatomy_aug', 'demo'} <= set(pretrain.sweep())
 
 
+def modules(c):
+  """Which of the paper's seven components (1.3.3) a config switches on."""
+  return {
+      'anatomy_aug': bool(c.augment.anatomy_aware),
+      'spatial': c.loss.spatial_weight > 0 and c.model.landmark_head,
+      'contrast': c.loss.temperature > 0,
+      'multiscale': c.model.fpn and max(c.loss.multiscale_weights) > 0,
+      'roi': bool(c.model.roi_attention),
+      'triplet': c.loss.triplet_weight > 0,
+      'cross_modal': c.loss.cross_weight > 0,
+  }
+
+
+def test_default_is_the_full_model_and_each_ablation_removes_one_module():
+  full = modules(pretrain.get_config())
+  assert all(full.values()) and modules(pretrain.get_config('full')) == full
+  c = pretrain.get_config()
+  assert tuple(c.model.fpn_channels) == (64, 128, 256, 512)
+  assert (c.loss.cross_weight, c.loss.cross_delta, c.loss.cross_organ_weight) == (0.3, 0.15, 0.5)
+  assert (c.loss.cross_start_epoch, c.loss.cross_end_epoch) == (50, 100)
+  removed = {'no_spatial': 'spatial', 'no_anatomy_aug': 'anatomy_aug',
+             'no_multiscale': 'multiscale', 'no_roi': 'roi', 'no_triplet': 'triplet',
+             'no_cross_modal': 'cross_modal'}
+  for variant, module in removed.items():
+    for arg in (variant, f'demo,{variant}'):
+      assert modules(pretrain.get_config(arg)) == dict(full, **{module: False}), arg
+  core = {'anatomy_aug', 'spatial', 'contrast'}
+  assert {k for k, v in modules(pretrain.get_config('minimal')).items() if v} == core
+  assert {k for k, v in modules(pretrain.get_config('demo,simclr')).items() if v} == {'contrast'}
+  assert not pretrain.get_config('no_multiscale').model.fpn  # no pyramid parameters either
+  assert set(pretrain.TABLE6) <= set(pretrain.sweep())
+
+
 def test_every_variant_builds():
   for name in pretrain.sweep():
     c = pretrain.get_config(name)
@@ -64,6 +97,15 @@ def test_unknown_variant_names_the_culprit():
     ('model.landmark_head', False, r'config.model.landmark_head'),
     ('loss.spatial_weight', -0.1, r'config.loss.spatial_weight'),
     ('optim.lr', -1.0, r'config.optim.lr'),
+    ('loss.multiscale_weights', (1.0, 1.0), r'config.loss.multiscale_weights'),
+    ('model.fpn', False, r'config.model.fpn=True'),
+    ('model.fpn_channels', (8, 8, 8), r'config.model.fpn_channels'),
+    ('loss.triplet_mining', 'easy', r"config.loss.triplet_mining='easy'"),
+    ('loss.triplet_margin', -1.0, r'config.loss.triplet_weight / triplet_margin'),
+    ('loss.cross_delta', 0.0, r'config.loss.cross_delta'),
+    ('loss.cross_start_epoch', 120.0, r'config.loss.cross_start_epoch=120.0'),
+    ('loss.cross_landmarks', ('carina',), r"config.loss.cross_landmarks: unknown landmark"),
+    ('loss.cross_organ_weight', 2.0, r'config.loss.cross_organ_weight'),
 ])
 def test_bad_values_fail_before_compilation(key, value, match):
   c = pretrain.get_config('demo')

@@ -22,6 +22,24 @@ def test_paper_model_parameter_counts():
   # Projector [2048, 2048, 512]: two bias-free Dense + BN (scale, bias), then Dense with bias.
   assert counts['projector'] == 2 * (2048 * 2048 + 2 * 2048) + 2048 * 512 + 512
   assert counts['total'] == sum(v for k, v in counts.items() if k not in ('total', 'batch_stats'))
+  # FPN at the paper's widths (64, 128, 256, 512) on c2..c5 (256, 512, 1024, 2048 channels):
+  # bias-free 1x1 laterals, 1x1 top-down width changes, 3x3 smoothing, BN (scale, bias).
+  w, c = (64, 128, 256, 512), (256, 512, 1024, 2048)
+  fpn = (sum(a * b for a, b in zip(w, c)) + sum(w[i] * w[i + 1] for i in range(3))
+         + 9 * sum(x * x for x in w) + 2 * sum(w))
+  assert counts['fpn_ct'] == fpn
+  # Level projections GAP -> Dense(256, no bias) -> BN -> Dense(128).
+  assert counts['levels_mri'] == sum(x * 256 + 2 * 256 + 256 * 128 + 128 for x in w)
+  # ROI attention on c4 (1024 channels): 3x3 conv to 64, BN, 1x1 conv to one score (+ bias).
+  assert counts['roi_xray'] == 9 * 1024 * 64 + 2 * 64 + 64 + 1
+  comp = inspect_lib.component_counts(counts)
+  assert comp['fpn'] == 3 * (fpn + counts['levels_mri'])
+  assert comp['roi_attention'] == 3 * counts['roi_xray']
+  assert comp['landmark_head'] == 3 * counts['landmarks_ct'] > 0
+  assert sum(comp.values()) == counts['total']
+  minimal = inspect_lib.component_counts(inspect_lib.parameter_counts(
+      pretrain.get_config('minimal')))
+  assert minimal['fpn'] == minimal['roi_attention'] == 0 and minimal['landmark_head'] > 0
 
 
 def test_flops_see_the_wider_ct_conv1():
@@ -39,30 +57,40 @@ def test_flops_see_the_wider_ct_conv1():
   assert flops['mri'] > flops['xray'] > 0
 
 
-def run_bench(command):
-  """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config over 2 CPU devices."""
+def run_bench(command, config='demo'):
+  """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config over 2 CPU devices;
+  returns every JSON row."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
              '--xla_backend_optimization_level=0')
   out = subprocess.run(
-      [sys.executable, '-m', 'aacp_jax.bench', command, '--config=configs/pretrain.py:demo',
+      [sys.executable, '-m', 'aacp_jax.bench', command, f'--config=configs/pretrain.py:{config}',
        "--config.modalities=('mri',)",
        '--config.data.image_size=32', '--config.model.width=4', '--config.batch_size=16',
        '--config.model.projector=(16,16,8)', '--steps=2', '--warmup=1'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  row = json.loads(out.stdout.strip().splitlines()[-1])
-  assert row['bench'] == command and row['devices'] == 2
-  return row
+  rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  assert all(row['devices'] == 2 for row in rows)
+  return rows
 
 
-def test_bench_step_prints_json():
-  row = run_bench('step')
-  assert row['compile_s'] > 0 and row['median_step_s'] > 0
-  assert row['examples_per_s'] == pytest.approx(16 / row['median_step_s'], rel=0.01)
-  assert row.get('peak_host_rss_bytes', row.get('peak_device_bytes', 0)) > 0
+def test_bench_step_full_and_minimal_side_by_side():
+  full, minimal, ratio = run_bench('step')  # default --variants=full,minimal
+  for row, variant in ((full, 'demo,full'), (minimal, 'demo,minimal')):
+    assert row['bench'] == 'step' and row['variant'] == variant
+    assert row['compile_s'] > 0 and row['median_step_s'] > 0 and row['median_inference_s'] > 0
+    assert row['examples_per_s'] == pytest.approx(16 / row['median_step_s'], rel=0.01)
+    assert row.get('peak_host_rss_bytes', row.get('peak_device_bytes', 0)) > 0
+  assert ratio['bench'] == 'step_ratio' and ratio['variants'] == 'full/minimal'
+  assert ratio['train_step_ratio'] == pytest.approx(
+      full['median_step_s'] / minimal['median_step_s'], rel=0.01)
+  assert ratio['inference_ratio'] == pytest.approx(
+      full['median_inference_s'] / minimal['median_inference_s'], rel=0.01)
 
 
 def test_bench_augment_prints_json():
-  row = run_bench('augment')
+  # The augmentation does not depend on the heads: the minimal model compiles faster.
+  (row,) = run_bench('augment', config='demo,minimal')
+  assert row['bench'] == 'augment'
   assert row['median_augment_s'] > 0 and row['median_forward_backward_s'] > 0
   assert 0 < row['augment_fraction'] < 1

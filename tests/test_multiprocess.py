@@ -25,7 +25,8 @@ def test_two_processes_train_together(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
              '--xla_backend_optimization_level=0')
   # One modality keeps compilation short; the multi-host path does not depend on how many.
-  args = ['--config=configs/pretrain.py:demo', '--config.data.image_size=32',
+  # `minimal`: the heads of the full model only lengthen compilation here.
+  args = ['--config=configs/pretrain.py:demo,minimal', '--config.data.image_size=32',
           "--config.modalities=('xray',)",
           '--config.data.phantoms.train=32', '--config.data.phantoms.test=16',
           '--config.batch_size=32', '--config.model.width=4', '--config.model.projector=(16,16,8)',

@@ -1,7 +1,8 @@
-"""The train step over 8 fake CPU devices equals the same step on 1 device.
+"""The train step of the full model over 8 fake CPU devices equals the same step on 1 device.
 
-Under jit with the batch sharded over 'data', BatchNorm statistics and InfoNCE negatives span the
-global batch; any per-device computation would make these numbers differ.
+Under jit with the batch sharded over 'data', BatchNorm statistics, InfoNCE negatives (per level
+too), triplet mining and the cross-modal candidates span the global batch; any per-device
+computation would make these numbers differ.
 """
 import functools
 
@@ -18,8 +19,12 @@ from configs import pretrain
 
 
 def tiny_config():
-  c = pretrain.get_config('demo')
-  c.data.image_size = 32
+  c = pretrain.get_config('demo')  # the full model: every loss term on
+  # Two modalities (the fewest the cross-modal term needs) keep the two compilations short; the
+  # three-modality step runs end to end in test_train_e2e.
+  c.modalities = ('mri', 'xray')
+  # 64 pixels: at 32, c5 is 1x1 and ROI attention pooling is the identity (zero gradient).
+  c.data.image_size = 64
   c.batch_size = 32
   c.model.width = 8
   c.model.projector = (32, 32, 16)
@@ -71,6 +76,20 @@ def test_eight_devices_equal_one():
   (state1, metrics1) = run_on(jax.devices()[:1], config, host)
   (state8, metrics8) = run_on(jax.devices(), config, host)
   assert np.isfinite(metrics1['loss']) and metrics1['loss'] > 0
+  # Every term of the full loss is in the comparison, the cross-modal one at full weight.
+  for term in ('contrast', 'multiscale', 'multiscale_p2', 'spatial', 'triplet'):
+    assert all(f'{term}_{m}' in metrics1 for m in config.modalities), term
+  assert metrics1['cross_weight'] == np.float32(0.3) and metrics1['cross'] > 0
+  # The loss is the documented sum of the logged terms (equal batch shares of 1/2).
+  lc, m1 = config.loss, metrics1
+  want = 0.3 * m1['cross']
+  for m in config.modalities:
+    levels = [m1[f'multiscale_{p}_{m}'] for p in ('p2', 'p3', 'p4', 'p5')]
+    np.testing.assert_allclose(m1[f'multiscale_{m}'], np.dot(lc.multiscale_weights, levels),
+                               rtol=1e-5)
+    want += 0.5 * (m1[f'contrast_{m}'] + m1[f'multiscale_{m}'] + lc.spatial_weight
+                   * m1[f'spatial_{m}'] + lc.triplet_weight * m1[f'triplet_{m}'])
+  np.testing.assert_allclose(m1['loss'], want, rtol=1e-5)
   for k in metrics1:
     assert_close(metrics1[k], metrics8[k], k)
   # BatchNorm running statistics, and Adam's first moment: after one step mu = (1 - b1) * grad,
@@ -87,3 +106,6 @@ def test_eight_devices_equal_one():
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu1), jax.tree.leaves(mu8)):
     assert_close(a, b, jax.tree_util.keystr(path), rtol=1e-4)
   assert metrics1['grad_norm'] > 1e-3  # Non-trivial gradients, or the check proves nothing.
+  # Every optional module is trained by the loss (a zero gradient would make it decoration).
+  for name in ('fpn_mri', 'levels_xray', 'roi_mri', 'landmarks_xray'):
+    assert np.abs(flat(mu1[name])).max() > 0, name

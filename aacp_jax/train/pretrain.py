@@ -75,6 +75,22 @@ def create_state(config, model, tx, mesh, image_size):
   return state, shardings
 
 
+def make_cross_schedule(config, epoch_steps: int, total_steps: int):
+  """lambda_cross by step; the curriculum's epochs scale with the run when total_steps sets it.
+
+  The configured epochs (50 -> 100 of 200) describe a num_epochs-long run. A run cut to
+  total_steps (the demo: 300 steps = 37.5 epochs) keeps the same fractions of its length, so the
+  term is actually trained; otherwise it would never switch on.
+  """
+  if config.loss.get('cross_weight', 0) > 0 and len(config.modalities) < 2:
+    logging.warning('config.loss.cross_weight=%s but only %s is enabled: no cross-modal pairs, '
+                    'the term is off.', config.loss.cross_weight, tuple(config.modalities))
+  scale = 1.0
+  if config.total_steps:
+    scale = total_steps / (epoch_steps * config.num_epochs)
+  return state_lib.cross_modal_schedule(config.loss, epoch_steps, scale)
+
+
 class _StopFlag:
   """SIGINT/SIGTERM ask the loop to checkpoint and exit; a second SIGINT interrupts at once."""
 
@@ -117,6 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = encoders.build_model(config.model, config.modalities)
   tx, schedule = state_lib.make_optimizer(config.optim, total_steps)
   state, state_shardings = create_state(config, model, tx, mesh, config.data.image_size)
+  cross_schedule = make_cross_schedule(config, epoch_steps, total_steps)
 
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), every_steps=config.checkpoint_every_steps,
@@ -128,7 +145,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = int(state.step)
 
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        cross_schedule=cross_schedule),
       in_shardings=(state_shardings, sharding.batch_sharded(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -4,9 +4,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from aacp_jax import losses
+from aacp_jax.data import landmarks as landmarks_lib
 from aacp_jax.modalities import IN_CHANNELS, MODALITIES  # noqa: F401  (re-exported)
+
+TRIPLET_MINING = ('hardest', 'semihard')
 
 
 @flax.struct.dataclass
@@ -42,6 +47,24 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts), schedule
 
 
+def cross_modal_schedule(loss_cfg, steps_per_epoch: int, epoch_scale: float = 1.0):
+  """step -> lambda_cross (a traced float32 scalar), from `losses.curriculum_weight`.
+
+  epoch = step / steps_per_epoch (an epoch is the smallest modality's pass, as `num_epochs`);
+  the configured start/end epochs are multiplied by `epoch_scale` (the run's length in epochs
+  over `num_epochs` when `total_steps` sets the length), so a shorter run keeps the curriculum's
+  shape: off for the first quarter, ramping in the second, full in the second half.
+  """
+  start = float(loss_cfg.cross_start_epoch) * epoch_scale
+  end = float(loss_cfg.cross_end_epoch) * epoch_scale
+  peak = float(loss_cfg.cross_weight)
+
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.float32) / jnp.float32(max(int(steps_per_epoch), 1))
+    return losses.curriculum_weight(epoch, start, end, peak)
+  return schedule
+
+
 def compute_dtype(name: str):
   try:
     return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
@@ -74,8 +97,64 @@ def check_config(config) -> None:
   if config.loss.get('spatial_weight', 0) > 0 and not config.model.get('landmark_head', False):
     raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight} needs '
                      'config.model.landmark_head=True (or set the weight to 0)')
+  _check_modules(config)
   if config.optim.lr <= 0:
     raise ValueError(f'config.optim.lr={config.optim.lr}: must be positive')
   if config.total_steps < 0 or config.num_epochs <= 0:
     raise ValueError('config.total_steps / config.num_epochs: must be positive')
   compute_dtype(config.model.dtype)
+
+
+def _check_modules(config) -> None:
+  """The optional modules 4-7 (pyramid, ROI attention, triplet, cross-modal)."""
+  loss, model = config.loss, config.model
+  weights = tuple(loss.get('multiscale_weights', ()))
+  if model.get('fpn', False):
+    if len(tuple(model.fpn_channels)) != 4 or min(model.fpn_channels) <= 0:
+      raise ValueError(f'config.model.fpn_channels={tuple(model.fpn_channels)}: expected 4 '
+                       'positive widths for p2..p5')
+    if len(tuple(model.level_projector)) < 1:
+      raise ValueError('config.model.level_projector: expected at least one width')
+  if weights:
+    if len(weights) != 4 or min(weights) < 0:
+      raise ValueError(f'config.loss.multiscale_weights={weights}: expected 4 weights >= 0 '
+                       '(p2, p3, p4, p5)')
+    if max(weights) > 0 and not model.get('fpn', False):
+      raise ValueError(f'config.loss.multiscale_weights={weights} needs config.model.fpn=True '
+                       '(or all weights 0)')
+  if model.get('roi_attention', False) and model.get('roi_features', 1) <= 0:
+    raise ValueError(f'config.model.roi_features={model.roi_features}: must be positive')
+  if loss.get('triplet_weight', 0) < 0 or loss.get('triplet_margin', 0) < 0:
+    raise ValueError(f'config.loss.triplet_weight / triplet_margin: must be >= 0, got '
+                     f'{loss.triplet_weight} / {loss.triplet_margin}')
+  if loss.get('triplet_weight', 0) > 0 and loss.triplet_mining not in TRIPLET_MINING:
+    raise ValueError(f'config.loss.triplet_mining={loss.triplet_mining!r}: expected one of '
+                     f'{TRIPLET_MINING}')
+  if loss.get('cross_weight', 0) < 0:
+    raise ValueError(f'config.loss.cross_weight={loss.cross_weight}: must be >= 0')
+  if loss.get('cross_weight', 0) > 0:
+    if loss.cross_delta <= 0:
+      raise ValueError(f'config.loss.cross_delta={loss.cross_delta}: must be positive')
+    if not 0 <= loss.cross_start_epoch <= loss.cross_end_epoch:
+      raise ValueError(f'config.loss.cross_start_epoch={loss.cross_start_epoch} / '
+                       f'cross_end_epoch={loss.cross_end_epoch}: need 0 <= start <= end')
+    if not 0 <= loss.cross_organ_weight <= 1:
+      raise ValueError(f'config.loss.cross_organ_weight={loss.cross_organ_weight}: must lie '
+                       'in [0, 1]')
+    if loss.cross_min_common < 1:
+      raise ValueError(f'config.loss.cross_min_common={loss.cross_min_common}: must be >= 1')
+    for name in loss.cross_landmarks:
+      try:
+        landmarks_lib.landmark_index(name)
+      except KeyError as e:
+        raise ValueError(f'config.loss.cross_landmarks: {e.args[0]}') from None
+
+
+def cross_landmark_mask(loss_cfg):
+  """(K,) bool of the named cross-modal landmark set; the whole vocabulary when empty."""
+  names = tuple(loss_cfg.get('cross_landmarks', ()))
+  if not names:
+    return np.ones(len(landmarks_lib.LANDMARKS), bool)
+  mask = np.zeros(len(landmarks_lib.LANDMARKS), bool)
+  mask[[landmarks_lib.landmark_index(n) for n in names]] = True
+  return mask
