@@ -2,7 +2,7 @@ r"""The landmark detector (paper 3.2.1): trained once on an annotated subset, th
 
 Commands (run from the repository root):
 
-  # CPU demo on built-in phantoms (ground-truth landmarks): ~3 min on 2 cores, writes
+  # CPU demo on built-in phantoms (ground-truth landmarks): ~2.5 min on 2 idle cores, writes
   # DIR/eval.json (held-out mean radial error, detection rate) and DIR/detector.json.
   python -m aacp_jax.main --config=configs/landmarks.py:demo --workdir=/tmp/aacp_landmarks
 

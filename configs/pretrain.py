@@ -2,7 +2,7 @@ r"""Anatomy-aware contrastive pre-training: the paper's full model (Table 6 row 
 
 Commands (run from the repository root):
 
-  # CPU demo of the full model on built-in phantoms: pretrain, then probes (2 shared cores: 15 min).
+  # CPU demo of the full model on built-in phantoms: pretrain, then probes (~5.5 min on 2 idle cores).
   python -m aacp_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/aacp_demo
 
   # Paper settings (ResNet-50, 224², batch 256, 200 epochs) on prepared shards; GPU cluster.
