@@ -14,8 +14,6 @@ the manifest's ``label_names``); lines outside it are ``unknown_label`` rejects.
 import collections
 import os
 
-from absl import app
-from absl import flags
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -91,13 +89,5 @@ def build(options: runner.Options) -> int:
                     split_of=lambda item: item.payload['split'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  return build(runner.options_from_flags(clahe=flags.FLAGS.clahe))
-
-
 if __name__ == '__main__':
-  # Flags only for the command: importing this module (tests, workers) must not claim flag names.
-  xc.define_xray_flags()
-  app.run(main)
+  xc.run_command(build)

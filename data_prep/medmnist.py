@@ -23,8 +23,6 @@ import re
 import zipfile
 
 import numpy as np
-from absl import app
-from absl import flags
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -143,14 +141,5 @@ def build(options: runner.Options) -> int:
                     split_of=lambda item: item.payload['split'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  return build(runner.options_from_flags(clahe=f.clahe, image_size_given=f['image_size'].present > 0))
-
-
 if __name__ == '__main__':
-  # Flags only for the command: importing this module (tests, workers) must not claim flag names.
-  xc.define_xray_flags()
-  app.run(main)
+  xc.run_command(build, image_size_given=lambda f: f['image_size'].present > 0)

@@ -12,8 +12,6 @@ columns are never read into an item.
 """
 import os
 
-from absl import app
-from absl import flags
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -105,14 +103,5 @@ def build(options: runner.Options) -> int:
                     meta={'skipped_not_frontal': skipped})
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  return build(runner.options_from_flags(clahe=f.clahe, frontal_only=f.frontal_only))
-
-
 if __name__ == '__main__':
-  # Flags only for the command: importing this module (tests, workers) must not claim flag names.
-  xc.define_xray_flags()
-  app.run(main)
+  xc.run_command(build, 'frontal_only')

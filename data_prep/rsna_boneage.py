@@ -12,8 +12,6 @@ subject is the image id and train/val/test is the seeded patient-level hash spli
 import math
 import os
 
-from absl import app
-from absl import flags
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -72,13 +70,5 @@ def build(options: runner.Options) -> int:
                     meta={'target': 'bone age, months'})
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  return build(runner.options_from_flags(clahe=flags.FLAGS.clahe))
-
-
 if __name__ == '__main__':
-  # Flags only for the command: importing this module (tests, workers) must not claim flag names.
-  xc.define_xray_flags()
-  app.run(main)
+  xc.run_command(build)

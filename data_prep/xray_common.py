@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+from absl import app
 from absl import flags
 
 from data_prep import runner
@@ -40,6 +41,23 @@ def define_xray_flags() -> None:
   if 'frontal_only' not in flags.FLAGS:
     flags.DEFINE_bool('frontal_only', False, 'CheXpert/MIMIC-CXR: keep only frontal (PA/AP) views; '
                       'the others are counted in the manifest meta as skipped, not rejected.')
+
+
+def run_command(build, *extra_flags: str, **extra_values) -> None:
+  """`python -m data_prep.<X-ray dataset>`: the shared flags, then `build(options)`; the exit status
+  is the runner's (0 all converted, 1 something rejected). `extra_flags` names flags passed on to
+  `options.extra`. Flags are defined only here, never at import (tests and workers import the module)."""
+  define_xray_flags()
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    f = flags.FLAGS
+    extra = {name: f[name].value for name in extra_flags}
+    extra.update({k: fn(f) for k, fn in extra_values.items()})
+    return build(runner.options_from_flags(clahe=f.clahe, **extra))
+
+  app.run(main)
 
 
 def chexpert_labels(row: dict, where: str) -> list[int]:
