@@ -1,4 +1,4 @@
-"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment} --config=...`.
+"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment,prep} ...`.
 
   step   for each of --variants (default full,minimal, applied on top of --config): compile
          seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
@@ -12,6 +12,8 @@
          median seconds of the jitted two-view augmentation of the configured global batch, of the
          jitted encoder forward+backward on pre-augmented views (the step without augmentation),
          and augment_fraction = augment / (augment + forward_backward).
+  prep   volumes/s and peak RSS of converting a synthetic 512x512x400 DICOM CT series with
+         `data_prep.dicom_ct` (data_prep/bench_prep.py; flags --prep_*).
 
 Speed targets live here, never in timed tests.
 """

@@ -194,17 +194,31 @@ def locate(names: dict[str, str], root: str, key: str) -> list[str]:
                  for raw, safe in names.items() if safe in (key, key + '/') and raw != root})
 
 
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
+def define_slab_flags():
+  """The runner's flags plus --slab_stride: every command that writes CT slabs (dicom_ct, lits, luna16)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  runner.define_flags()
+  flags.DEFINE_integer('slab_stride', 64, 'Slices between slab starts (64: no overlap).')
+
+
+def slab_options(argv, **extra):
+  """Runner options with the checked --slab_stride; a one-line usage error for bad arguments."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  stride = flags.FLAGS.slab_stride
+  if stride < 1:
+    raise app.UsageError(f'--slab_stride={stride}: must be >= 1')
+  return runner.options_from_flags(slab_stride=stride, **extra)
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   flags = absl_flags.FLAGS
   if flags.region not in REGIONS:
     raise app.UsageError(f'--region={flags.region}: expected one of {REGIONS}')
-  if flags.slab_stride < 1:
-    raise app.UsageError(f'--slab_stride={flags.slab_stride}: must be >= 1')
-  options = runner.options_from_flags(region=flags.region, slab_stride=flags.slab_stride)
+  options = slab_options(argv, region=flags.region)
   items, rejects, names = list_items(options.input, options.salt)
   if flags.locate:
     print('\n'.join(locate(names, options.input, flags.locate)) or f'{flags.locate}: no such key')
@@ -215,9 +229,8 @@ def main(argv):
 
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  runner.define_flags()
+  define_slab_flags()
   flags.DEFINE_enum('region', 'chest', list(REGIONS), 'Body region of every series (sets organs).')
-  flags.DEFINE_integer('slab_stride', 64, 'Slices between slab starts (64: no overlap).')
   flags.DEFINE_string('locate', None, 'Print the relative paths behind a rejects.jsonl key and exit.')
   return flags.FLAGS
 

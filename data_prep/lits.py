@@ -96,13 +96,8 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  stride = flags.FLAGS.slab_stride
-  if stride < 1:
-    raise app.UsageError(f'--slab_stride={stride}: must be >= 1')
-  options = runner.options_from_flags(slab_stride=stride)
+  options = dicom_ct.slab_options(argv)
+  stride = options.extra['slab_stride']
   items, rejects = list_items(options.input)
   return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
                     meta={'slab_stride': stride, 'mask_values': {'0': 'background', '1': 'liver',
@@ -110,7 +105,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app as _app, flags as _flags
-  runner.define_flags()
-  _flags.DEFINE_integer('slab_stride', 64, 'Slices between slab starts (64: no overlap).')
+  from absl import app as _app
+  dicom_ct.define_slab_flags()
   _app.run(main)

@@ -140,16 +140,12 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  stride = flags.FLAGS.slab_stride
-  if stride < 1:
-    raise app.UsageError(f'--slab_stride={stride}: must be >= 1')
-  options = runner.options_from_flags(slab_stride=stride)
+  options = dicom_ct.slab_options(argv)
+  stride = options.extra['slab_stride']
   try:
     items, rejects, _, summary = list_items(options.input, options.salt)
   except ValueError as e:
+    from absl import app  # pylint: disable=g-import-not-at-top
     raise app.UsageError(str(e)) from None
   if summary['annotated_series_missing']:
     print(f'luna16: {summary["annotated_series_missing"]} annotated series are not under --input '
@@ -159,7 +155,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app as _app, flags as _flags
-  runner.define_flags()
-  _flags.DEFINE_integer('slab_stride', 64, 'Slices between slab starts (64: no overlap).')
+  from absl import app as _app
+  dicom_ct.define_slab_flags()
   _app.run(main)
