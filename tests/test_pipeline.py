@@ -114,7 +114,7 @@ def test_get_set_state_resume(root):
 
 
 def test_orbax_checkpoint_round_trip(root, tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  import orbax.checkpoint as ocp  # a required dependency
   it = pl.pretrain_loader(root, 'train', BATCH, seed=0, image_size=S)
   take(it, 3)
   ckpt = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())

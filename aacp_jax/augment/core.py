@@ -194,9 +194,7 @@ def _augment_batch(key, images, landmarks, visible, modality, cfg, return_transf
       keys, landmarks, visible)
   out = jax.vmap(functools.partial(_apply_params, modality=modality, cfg=cfg, with_noise=False))(
       params, images, landmarks, visible)
-  noise_params = {k: params[k] for k in ('noise_std', 'noise_key', 'cutout_box')}
-  noise_params['fired'] = {k: params['fired'][k] for k in ('noise', 'cutout')}
-  out = (_add_noise_where_fired(out[0], noise_params),) + tuple(out[1:])
+  out = (_add_noise_where_fired(out[0], params),) + tuple(out[1:])
   return out if return_transform else out[:3]
 
 

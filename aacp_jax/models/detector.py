@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacp_jax.models.encoders import DTYPES
 from aacp_jax.models.heads import spatial_soft_argmax
 
 
@@ -111,12 +112,11 @@ class LandmarkDetector(nn.Module):
 
 
 def build_detector(model_cfg, modalities, num_landmarks: int) -> LandmarkDetector:
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if model_cfg.dtype not in dtypes:
-        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: expected 'float32' or 'bfloat16'")
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: expected one of {sorted(DTYPES)}")
     return LandmarkDetector(tuple(modalities), num_landmarks, width=int(model_cfg.width),
                             levels=int(model_cfg.levels), output_level=int(model_cfg.output_level),
-                            dtype=dtypes[model_cfg.dtype])
+                            dtype=DTYPES[model_cfg.dtype])
 
 
 def heatmap_targets(landmarks: jax.Array, height: int, width: int, sigma: float) -> jax.Array:

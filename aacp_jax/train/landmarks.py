@@ -25,7 +25,6 @@ from aacp_jax.data import landmarks as lm
 from aacp_jax.data import pipeline
 from aacp_jax.metrics import MetricWriter
 from aacp_jax.models import detector as det
-from aacp_jax.modalities import MODALITIES
 from aacp_jax.train import pretrain
 from aacp_jax.train import state as state_lib
 
@@ -35,12 +34,8 @@ _MODALITY_IDS = {'ct': 0, 'mri': 1, 'xray': 2}
 
 def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
-  mods = tuple(config.modalities)
-  if not mods or any(m not in MODALITIES for m in mods):
-    raise ValueError(f'config.modalities={mods}: expected some of {MODALITIES}')
-  for m in mods:
-    if m not in config.data.shares:
-      raise ValueError(f'config.data.shares: no share for enabled modality {m!r}')
+  state_lib.check_modalities(config)
+  state_lib.compute_dtype(config.model.dtype)
   factor = 2 ** config.model.levels
   if config.data.image_size % factor:
     raise ValueError(f'config.data.image_size={config.data.image_size}: must be divisible by '
@@ -58,7 +53,6 @@ def check_config(config) -> None:
     raise ValueError(f'config.total_steps={config.total_steps}: must be positive')
   if config.optim.lr <= 0:
     raise ValueError(f'config.optim.lr={config.optim.lr}: must be positive')
-  det.build_detector(config.model, mods, len(lm.LANDMARKS))  # checks the dtype
 
 
 def modality_loss(out, landmarks, visible, image_size, loss_cfg):
@@ -114,27 +108,21 @@ def loss_fn(params, batch_stats, images, targets, *, model, config):
 
 def train_step(state, batch, *, model, tx, schedule, config):
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  # Augment outside value_and_grad: traced inside it, XLA CPU ran the resampling ~10x slower.
+  # The views do not depend on the parameters: drawn once, outside the differentiated function.
   images, targets = make_views(batch, key, config)
-  images = jax.lax.optimization_barrier(images)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, config=config),
                                has_aux=True)
   (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, images, targets)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(optax.apply_updates(state.params, updates), state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state))
+  new_state, finite, _, _ = state_lib.apply_if_finite(state, grads, batch_stats, loss, tx)
   metrics.update(lr=schedule(state.step), finite=finite.astype(jnp.float32))
   return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'modality', 'aug_cfg'))
-def _predict(variables, raw_images, *, model, modality, aug_cfg):
-  out = model.apply(variables, {modality: augment.preprocess(raw_images, modality, aug_cfg)},
-                    train=False)[modality]
+def _predict(variables, images, *, model, modality, aug_cfg):
+  if aug_cfg is not None:  # raw stored values: normalise as training did
+    images = augment.preprocess(images, modality, aug_cfg)
+  out = model.apply(variables, {modality: images}, train=False)[modality]
   return out['landmarks'], jax.nn.sigmoid(out['visible_logit'])
 
 
@@ -143,8 +131,9 @@ def predict(variables, raw_images, modality, *, model, aug_cfg, batch_size=64):
 
   Images are the records' stored values (HU, 0..255, normalised MRI) at the detector's image size;
   the confidence is the predicted probability that the landmark is in the field of view.
+  `aug_cfg=None` takes images already normalised (augmentation output).
   """
-  aug_cfg = ml_collections.FrozenConfigDict(aug_cfg)
+  aug_cfg = None if aug_cfg is None else ml_collections.FrozenConfigDict(aug_cfg)
   pts, conf = [], []
   for i in range(0, len(raw_images), batch_size):
     chunk = np.asarray(raw_images[i:i + batch_size], np.float32)
@@ -183,8 +172,9 @@ def detection_metrics(pred, conf, truth, visible, image_size, *, threshold, radi
   }
 
 
-def canonical_atlas(root, split, modalities, image_size):
-  """Mean canonical (y, x) of every landmark over the annotated split, or (0, 0) where never seen.
+def canonical_atlas(train_arrays):
+  """Mean canonical (y, x) of every landmark over the annotated split's arrays (one
+  `load_split_arrays` dict per modality), or (0, 0) where never seen.
 
   `annotate_landmarks` gives a detected landmark this position when its record has no canonical
   coordinate of its own (real images: nothing maps them to the canonical frame yet), so
@@ -192,8 +182,7 @@ def canonical_atlas(root, split, modalities, image_size):
   """
   total = np.zeros((len(lm.LANDMARKS), 2))
   count = np.zeros((len(lm.LANDMARKS),))
-  for m in modalities:
-    arrays = pipeline.load_split_arrays(root, split, m, image_size)
+  for arrays in train_arrays:
     can = arrays['landmarks_canonical']
     # (0, 0) marks an unknown canonical position (real CT/MRI annotations), not a position.
     known = arrays['landmark_visible'] & (can != 0).any(-1)
@@ -203,13 +192,15 @@ def canonical_atlas(root, split, modalities, image_size):
 
 
 def evaluate(config, model, variables, root):
-  """eval.json's body: per modality, detection metrics on the held-out split as stored and under
-  random anatomy-aware transforms, beside the mean-position baseline (training means)."""
+  """(eval.json's body, canonical atlas): per modality, detection metrics on the held-out split as
+  stored and under random anatomy-aware transforms, beside the mean-position baseline (training
+  means); the atlas comes from the same training arrays (`canonical_atlas`)."""
   size = config.data.image_size
   thr, radius = config.eval.visible_threshold, config.eval.detect_radius
-  results = {}
+  results, train_arrays = {}, []
   for m in config.modalities:
     train = pipeline.load_split_arrays(root, config.data.split, m, size)
+    train_arrays.append(train)
     test = pipeline.load_split_arrays(root, config.eval.split, m, size)
     vis_train = train['landmark_visible']
     mean_pos = (train['landmarks'] * vis_train[..., None]).sum(0) / np.maximum(
@@ -227,12 +218,11 @@ def evaluate(config, model, variables, root):
     img, pts, vis = augment.augment_batch(
         key, jnp.asarray(test['image'], jnp.float32), jnp.asarray(test['landmarks']),
         jnp.asarray(test['landmark_visible']), m, _spatial_only(config.augment))
-    raw = _unnormalise(np.asarray(img), m, config.augment)
-    pred_t, conf_t = predict(variables, raw, m, model=model, aug_cfg=config.augment)
+    pred_t, conf_t = predict(variables, np.asarray(img), m, model=model, aug_cfg=None)
     row['held_out_transformed'] = detection_metrics(
         pred_t, conf_t, np.asarray(pts), np.asarray(vis), size, threshold=thr, radius=radius)
     results[m] = row
-  return results
+  return results, canonical_atlas(train_arrays)
 
 
 def _spatial_only(aug_cfg):
@@ -242,38 +232,17 @@ def _spatial_only(aug_cfg):
   return cfg
 
 
-def _unnormalise(images, modality, aug_cfg):
-  """Augment's normalised output back to stored units, so `predict` sees what records hold."""
-  if modality == 'ct':
-    lo, hi = augment.ct_window(aug_cfg)
-    return images * (hi - lo) + lo
-  if modality == 'xray':
-    return images / aug_cfg.xray_scale
-  return images
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   check_config(config)
   pretrain.check_workdir(workdir)
   mesh = sharding.make_mesh()
-  batches = sharding.per_modality_batch(
-      config.batch_size, config.data.shares, config.modalities,
-      num_devices=mesh.size, num_processes=jax.process_count())
-  root = pretrain.prepare_data(config, workdir)
-  per_host = {m: b // jax.process_count() for m, b in batches.items()}
-  data_iter = pipeline.pretrain_loader(
-      root, config.data.split, per_host, seed=config.seed, image_size=config.data.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count)
+  root, _, data_iter = pretrain.open_data(config, workdir, mesh)
   model = det.build_detector(config.model, config.modalities, len(lm.LANDMARKS))
   tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps)
   state, shardings = pretrain.create_state(config, model, tx, mesh, config.data.image_size)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                every_steps=config.checkpoint_every_steps, keep=2)
-  restored = ckpt.restore(ckpt_lib.abstract_like(state, shardings), data_iter)
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from step %d in %s', int(state.step), ckpt.directory)
+  state = pretrain.resume(ckpt, state, shardings, data_iter)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
       in_shardings=(shardings, sharding.batch_sharded(mesh)),
@@ -299,14 +268,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
 
   variables = jax.device_get(state.variables)
+  per_modality, atlas = evaluate(config, model, variables, root)
   results = {'steps': config.total_steps, 'image_size': config.data.image_size,
              'detect_radius_fraction': config.eval.detect_radius,
-             'visible_threshold': config.eval.visible_threshold,
-             'modalities': evaluate(config, model, variables, root)}
+             'visible_threshold': config.eval.visible_threshold, 'modalities': per_modality}
   if jax.process_index() == 0:
-    info = {'config': config.to_dict(), 'step': config.total_steps,
-            'canonical_atlas': canonical_atlas(root, config.data.split, config.modalities,
-                                               config.data.image_size)}
+    info = {'config': config.to_dict(), 'step': config.total_steps, 'canonical_atlas': atlas}
     with open(os.path.join(workdir, DETECTOR_FILE), 'w', encoding='utf-8') as f:
       json.dump(info, f, indent=1, default=list)
     with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:

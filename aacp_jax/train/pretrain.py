@@ -8,7 +8,6 @@ import time
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from aacp_jax import checkpoint as ckpt_lib
 from aacp_jax import sharding
@@ -91,6 +90,29 @@ def make_cross_schedule(config, epoch_steps: int, total_steps: int):
   return state_lib.cross_modal_schedule(config.loss, epoch_steps, scale)
 
 
+def open_data(config, workdir: str, mesh):
+  """(shard root, global batch per modality, this process's checkpointable host-batch iterator)."""
+  batches = sharding.per_modality_batch(
+      config.batch_size, config.data.shares, config.modalities,
+      num_devices=mesh.size, num_processes=jax.process_count())
+  root = prepare_data(config, workdir)
+  per_host = {m: b // jax.process_count() for m, b in batches.items()}
+  data_iter = pipeline.pretrain_loader(
+      root, config.data.split, per_host, seed=config.seed, image_size=config.data.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.data.worker_count)
+  return root, batches, data_iter
+
+
+def resume(ckpt, state, shardings, data_iter):
+  """The latest checkpoint's state (data_iter restored in place), or `state` when there is none."""
+  restored = ckpt.restore(ckpt_lib.abstract_like(state, shardings), data_iter)
+  if restored is None:
+    return state
+  logging.info('Resumed from step %d in %s', int(restored.step), ckpt.directory)
+  return restored
+
+
 class _StopFlag:
   """SIGINT/SIGTERM ask the loop to checkpoint and exit; a second SIGINT interrupts at once."""
 
@@ -118,15 +140,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_lib.check_config(config)
   check_workdir(workdir)
   mesh = sharding.make_mesh()
-  batches = sharding.per_modality_batch(
-      config.batch_size, config.data.shares, config.modalities,
-      num_devices=mesh.size, num_processes=jax.process_count())
-  root = prepare_data(config, workdir)
-  per_host = {m: b // jax.process_count() for m, b in batches.items()}
-  data_iter = pipeline.pretrain_loader(
-      root, config.data.split, per_host, seed=config.seed, image_size=config.data.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count)
+  root, batches, data_iter = open_data(config, workdir, mesh)
 
   epoch_steps = steps_per_epoch(root, config.data.split, config.modalities, batches)
   total_steps = config.total_steps or config.num_epochs * epoch_steps
@@ -138,10 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), every_steps=config.checkpoint_every_steps,
       keep=config.keep_checkpoints)
-  restored = ckpt.restore(ckpt_lib.abstract_like(state, state_shardings), data_iter)
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from step %d in %s', int(state.step), ckpt.directory)
+  state = resume(ckpt, state, state_shardings, data_iter)
   start = int(state.step)
 
   step_fn = jax.jit(

@@ -72,8 +72,8 @@ def compute_dtype(name: str):
     raise ValueError(f"config.model.dtype={name!r}: expected 'float32' or 'bfloat16'") from None
 
 
-def check_config(config) -> None:
-  """One-line errors naming the config key, before any data is read or anything compiles."""
+def check_modalities(config) -> None:
+  """config.modalities is a non-empty subset of MODALITIES, each with a batch share."""
   mods = tuple(config.modalities)
   if not mods:
     raise ValueError('config.modalities: empty; expected some of ' + ', '.join(MODALITIES))
@@ -82,6 +82,30 @@ def check_config(config) -> None:
       raise ValueError(f'config.modalities: unknown modality {m!r}; expected some of {MODALITIES}')
     if m not in config.data.shares:
       raise ValueError(f'config.data.shares: no share for enabled modality {m!r}')
+
+
+def apply_if_finite(state: TrainState, grads, batch_stats, loss, tx):
+  """The optimiser update, kept only when the loss and gradient norm are finite.
+
+  Returns (new_state, finite, grad_norm, updates). A non-finite step leaves the state as it was
+  (step still advances), so the checkpoint written when the loop stops on it is usable.
+  """
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state))
+  return new_state, finite, grad_norm, updates
+
+
+def check_config(config) -> None:
+  """One-line errors naming the config key, before any data is read or anything compiles."""
+  check_modalities(config)
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size={config.batch_size}: must be positive')
   if config.data.image_size < 32:

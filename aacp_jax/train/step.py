@@ -184,17 +184,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, cross_s
       functools.partial(loss_fn, model=model, config=config, cross_weight=cross_weight),
       has_aux=True)
   (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # A non-finite step leaves the state as it was, so the checkpoint written on stop is usable.
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state))
+  new_state, finite, grad_norm, updates = state_lib.apply_if_finite(
+      state, grads, batch_stats, loss, tx)
   metrics.update(
       grad_norm=grad_norm,
       param_norm=optax.tree.norm(state.params),
