@@ -1,9 +1,14 @@
 """aacp_jax: anatomy-aware contrastive pre-training for medical images, in JAX/Flax."""
+import re
+
 import setuptools
+
+# One version string: aacp_jax/version.py.
+VERSION = re.search(r"__version__ = '([^']+)'", open("aacp_jax/version.py", encoding="utf-8").read()).group(1)
 
 setuptools.setup(
     name="aacp_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Anatomy-aware contrastive pre-training for CT, MRI and X-ray (JAX/Flax).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -30,7 +35,7 @@ setuptools.setup(
                  "nilearn>=0.10"],
         "eval": ["scikit-learn>=1.4", "matplotlib>=3.8"],
         # pydicom-data: the radiographs the prep tests read (shipped files, nothing downloaded).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pydicom-data>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pydicom-data>=1.0", "ruff>=0.6"],
         "gpu": ["jax[cuda12]>=0.4.35"],
         "tfds": ["tensorflow-datasets>=4.9.6"],
     },

@@ -1,3 +1,3 @@
 """Anatomy-aware contrastive pre-training for medical images (JAX/Flax)."""
 
-__version__ = "0.1.0"
+from aacp_jax.version import __version__  # noqa: F401

@@ -1,4 +1,4 @@
-"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment,prep} ...`.
+"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment} ...`.
 
   step   for each of --variants (default full,minimal, applied on top of --config): compile
          seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
@@ -12,8 +12,9 @@
          median seconds of the jitted two-view augmentation of the configured global batch, of the
          jitted encoder forward+backward on pre-augmented views (the step without augmentation),
          and augment_fraction = augment / (augment + forward_backward).
-  prep   volumes/s and peak RSS of converting a synthetic 512x512x400 DICOM CT series with
-         `data_prep.dicom_ct` (data_prep/bench_prep.py; flags --prep_*).
+
+CT data preparation has its own command, `python -m data_prep.bench_prep` (flags --prep_*): the
+library never imports data_prep.
 
 Speed targets live here, never in timed tests.
 """
@@ -34,8 +35,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from aacp_jax import sharding
-from data_prep import bench_prep  # defines the `prep` command's flags; heavy imports stay inside it.
-from aacp_jax.modalities import IN_CHANNELS
+from aacp_jax.modalities import IN_CHANNELS, RAW_DTYPES
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config file[:variants].',
@@ -45,9 +45,6 @@ flags.DEFINE_integer('warmup', 2, 'Untimed iterations after compilation.')
 flags.DEFINE_string('workdir', None, 'Where `input` builds phantoms (default: a temp dir).')
 flags.DEFINE_list('variants', ['full', 'minimal'],
                   '`step`: configs/pretrain.py variants applied on top of --config, timed in turn.')
-
-_RAW_DTYPES = {'ct': np.int16, 'mri': np.float16, 'xray': np.uint8}
-
 
 def _emit(**row):
   row.setdefault('backend', jax.default_backend())
@@ -71,7 +68,7 @@ def random_batch(config, batches, seed=0):
   s = config.data.image_size
   out = {}
   for m, b in batches.items():
-    image = rng.normal(0, 100, (b, s, s, IN_CHANNELS[m])).astype(_RAW_DTYPES[m])
+    image = rng.normal(0, 100, (b, s, s, IN_CHANNELS[m])).astype(RAW_DTYPES[m])
     k = len(lm.LANDMARKS)
     out[m] = {
         'image': image,
@@ -85,20 +82,24 @@ def random_batch(config, batches, seed=0):
 
 def _setup(config):
   """Model, replicated train state and a random global batch of the configured shapes."""
-  from aacp_jax.models import encoders
+  from aacp_jax import methods
+  from aacp_jax.models import inputs
+  from aacp_jax.train import pretrain
   from aacp_jax.train import state as state_lib
-  from aacp_jax.train.pretrain import create_state
 
-  state_lib.check_config(config)
+  pretrain.check_config(config)
+  method = methods.get(config.method)
   mesh = sharding.make_mesh()
   batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
                                         mesh.size, jax.process_count())
-  model = encoders.build_model(config.model, config.modalities)
+  model = method.build_model(config)
   tx, schedule = state_lib.make_optimizer(config.optim, 1000)
-  state, shardings = create_state(config, model, tx, mesh, config.data.image_size)
+  state, shardings = state_lib.create_state(
+      model, tx, mesh, inputs.dummy_inputs(config.modalities, config.data.image_size),
+      config.seed)
   batch = sharding.to_global(random_batch(config, batches), mesh)
   return types.SimpleNamespace(mesh=mesh, model=model, tx=tx, schedule=schedule, state=state,
-                               shardings=shardings, batch=batch)
+                               shardings=shardings, batch=batch, method=method)
 
 
 def _config_fields(config):
@@ -106,14 +107,25 @@ def _config_fields(config):
               depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size)
 
 
+def _config_module():
+  """The --config file as a module (its VARIANTS), loaded by path: the library imports no
+  configs package."""
+  import importlib.util
+  path = config_flags.get_config_filename(FLAGS['config']).split(':')[0]
+  spec = importlib.util.spec_from_file_location('_bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _variant_config(config, variant):
-  """--config with one more configs/pretrain.py variant applied (a copy; --config stays as is)."""
-  from configs import pretrain
-  if variant not in pretrain.VARIANTS:
+  """--config with one more variant of its config file applied (a copy; --config stays as is)."""
+  variants = _config_module().VARIANTS
+  if variant not in variants:
     raise app.UsageError(f'--variants: unknown variant {variant!r}; known: '
-                         f'{", ".join(pretrain.sweep())}')
+                         f'{", ".join(sorted(variants))}')
   c = copy.deepcopy(config)
-  pretrain.VARIANTS[variant](c)
+  variants[variant](c)
   c.variant = ','.join(v for v in (config.get('variant', ''), variant) if v)
   return c
 
@@ -121,12 +133,22 @@ def _variant_config(config, variant):
 def _compile_variant(config):
   """Setup, compiled train step (state donated) and compiled eval-mode forward of one config."""
   from aacp_jax import augment
+  from aacp_jax.methods.base import RunInfo
   from aacp_jax.train.step import train_step
 
   s = _setup(config)
   s.config = config
-  step = jax.jit(functools.partial(train_step, model=s.model, tx=s.tx, schedule=s.schedule,
-                                   config=config),
+  # The cross-modal term at its full weight from the first step (a curriculum that has ended):
+  # the benchmark times the whole loss.
+  timed = copy.deepcopy(config)
+  if 'cross_start_epoch' in timed.loss:
+    timed.loss.cross_start_epoch = timed.loss.cross_end_epoch = 0.0
+  run = RunInfo(steps_per_epoch=1, total_steps=1)
+  loss_fn = s.method.make_loss(timed, s.model, run)
+  step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=s.tx, schedule=s.schedule,
+                                   seed=config.seed,
+                                   schedules=s.method.make_schedules(timed, run),
+                                   after_update=s.method.after_update),
                  in_shardings=(s.shardings, sharding.batch_sharded(s.mesh)),
                  out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
   t0 = time.perf_counter()
@@ -195,7 +217,7 @@ def _median_time(fn, *args):
 
 
 def bench_augment(config):
-  from aacp_jax.train.step import make_views, views_loss
+  from aacp_jax.methods.aacp import make_views, views_loss
 
   s = _setup(config)
   data = sharding.batch_sharded(s.mesh)
@@ -220,7 +242,7 @@ def bench_augment(config):
 
 def bench_input(config):
   from aacp_jax.data import pipeline
-  from aacp_jax.train.pretrain import prepare_data
+  from aacp_jax.train.inputs import prepare_data
 
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='aacp_bench_')
   root = prepare_data(config, workdir)
@@ -242,8 +264,7 @@ def bench_input(config):
 
 
 def main(argv):
-  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment,
-              'prep': lambda config: bench_prep.run(_emit)}
+  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment}
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')
   commands[argv[1]](FLAGS.config)

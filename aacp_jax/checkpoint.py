@@ -8,6 +8,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -21,9 +22,6 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self):
-    return self._mgr.latest_step()
 
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
     items = {'state': ocp.args.StandardSave(state)}
@@ -46,8 +44,22 @@ class Checkpointer:
     restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return restored['state']
 
-  def wait(self):
-    self._mgr.wait_until_finished()
+  def restore_variables(self, abstract_variables, step=None):
+    """(params, batch_stats) alone from the `state` item of a checkpoint, or None without one.
+
+    `abstract_variables`: {'params', 'batch_stats'} of ShapeDtypeStructs (`jax.eval_shape` of
+    the model's init). The optimiser state, the method's extra state and the data iterator stay
+    on disk: no optimiser, mesh or full train state is built (orbax partial restore).
+    """
+    step = self._mgr.latest_step() if step is None else step
+    if step is None:
+      return None, None
+    item = {k: abstract_variables.get(k, {}) for k in ('params', 'batch_stats')}
+    # NumPy arrays on the host: no device placement (and no sharding) to choose.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+    return restored['state'], step
 
   def close(self):
     self._mgr.wait_until_finished()

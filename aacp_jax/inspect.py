@@ -11,12 +11,11 @@ import json
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from aacp_jax.modalities import IN_CHANNELS
-from aacp_jax.models import encoders
+from aacp_jax import methods
+from aacp_jax.models import inputs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
@@ -29,12 +28,11 @@ def count(tree) -> int:
 
 
 def dummy_inputs(config, batch: int = 1):
-  s = config.data.image_size
-  return {m: jnp.zeros((batch, s, s, IN_CHANNELS[m]), jnp.float32) for m in config.modalities}
+  return inputs.dummy_inputs(config.modalities, config.data.image_size, batch)
 
 
 def parameter_counts(config) -> dict:
-  model = encoders.build_model(config.model, config.modalities)
+  model = methods.get(config.method).build_model(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
                                              train=False))
   params = shapes['params']
@@ -60,7 +58,7 @@ def component_counts(params_counts: dict) -> dict:
 
 
 def flops_per_example(config) -> dict:
-  model = encoders.build_model(config.model, config.modalities)
+  model = methods.get(config.method).build_model(config)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
                                                 train=False))
   out = {}

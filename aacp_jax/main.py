@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from aacp_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
                                 lock_config=True)
@@ -49,24 +51,13 @@ def main(argv):
   logging.info('Process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   config = FLAGS.config
-  if config.experiment == 'pretrain':
-    from aacp_jax.eval.probe import format_table
-    from aacp_jax.train import pretrain
-    results = pretrain.train_and_evaluate(config, FLAGS.workdir)
-    if jax.process_index() == 0 and 'probe' in results:
-      print('\nLinear probes on held-out phantom labels (test split):')
-      print(format_table(results['probe']))
-      print(f'Details: {os.path.join(FLAGS.workdir, "eval.json")}')
-  elif config.experiment == 'landmarks':
-    from aacp_jax.train import landmarks
-    results = landmarks.train_and_evaluate(config, FLAGS.workdir)
-    if jax.process_index() == 0 and 'modalities' in results:
-      print('\nLandmark detector on held-out images (test split):')
-      print(landmarks.format_table(results))
-      print(f'Details: {os.path.join(FLAGS.workdir, "eval.json")}')
-  else:
-    raise ValueError(f'config.experiment={config.experiment!r}: expected one of: pretrain, '
-                     'landmarks')
+  from aacp_jax import experiments  # pylint: disable=g-import-not-at-top
+  experiment = experiments.get(config.experiment).module()
+  results = experiment.train_and_evaluate(config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    table = experiment.format_results(results, FLAGS.workdir)
+    if table:
+      print(table)
 
 
 def _one_line(e: BaseException) -> str:
@@ -77,7 +68,7 @@ def _one_line(e: BaseException) -> str:
     head = text.split('Traceback (most recent call last)')[0]
     tail = [l for l in text.strip().splitlines() if l.strip()][-1]
     text = f'{head} {tail}'
-  return ' '.join(text.split()) or type(e).__name__
+  return errors.one_line(text, limit=2000) or type(e).__name__
 
 
 def _parse_flags(argv):

@@ -40,10 +40,6 @@ class MetricWriter:
         if k != 'step' and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, int(step))
 
-  def flush(self):
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self):
     if self._jsonl is not None:
       self._jsonl.close()

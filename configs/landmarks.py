@@ -66,6 +66,7 @@ def base_config():
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'test'  # held out from training

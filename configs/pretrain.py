@@ -12,7 +12,8 @@ Commands (run from the repository root):
   # One Table 6 row, e.g. without the triplet loss, on CPU:
   python -m aacp_jax.main --config=configs/pretrain.py:demo,no_triplet --workdir=/tmp/aacp_nt
 
-Variants are joined with commas, e.g. `configs/pretrain.py:demo,simclr`. Any value can be
+Variants are joined with commas, e.g. `configs/pretrain.py:demo,simclr`; `key=value` items set
+any value too, e.g. `configs/pretrain.py:demo,method=aacp,optim.lr=3e-4`. Any value can be
 overridden on the command line, e.g. `--config.optim.lr=3e-4`. `sweep()` lists every variant;
 `TABLE6` the ablation rows in the paper's order.
 """
@@ -29,6 +30,9 @@ _variant = VARIANTS.register
 def base_config():
   c = ml_collections.ConfigDict()
   c.experiment = 'pretrain'
+  # The pretraining method (aacp_jax/methods/): 'aacp' is the paper's; `simclr` below is aacp with
+  # every anatomy-aware part off.
+  c.method = 'aacp'
   c.seed = 0
   c.modalities = ('ct', 'mri', 'xray')
 

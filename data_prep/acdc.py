@@ -30,8 +30,8 @@ import re
 import numpy as np
 
 from data_prep import brats
-from data_prep import dicom_ct
 from data_prep import runner
+from data_prep import volume_common as vc
 
 DATASET = 'acdc'
 GROUPS = ('NOR', 'MINF', 'DCM', 'HCM', 'RV')
@@ -144,8 +144,8 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
       values = np.unique(sitk.GetArrayViewFromImage(gt))
       if not np.isin(values, (0, 1, 2, 3)).all():
         raise runner.Reject('unknown_label', f'{frame["gt"]}: labels {values.tolist()[:6]}, expected 0-3')
-      gt = sitk.Cast(gt, sitk.sitkUInt8)
-      gt.CopyInformation(image)
+      # A mask on other voxels than its frame would be misaligned by a copied header: see align_to.
+      gt = ops.align_to(sitk.Cast(gt, sitk.sitkUInt8), image, frame['gt'])
       if options.extra.get('n4', True):
         image = ops.n4(image, shrink=2)
       image = resample_in_plane(image, mask=False)
@@ -156,7 +156,7 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
       records += brats.slice_records(stack, gt, np.array([sy, sx, sz], np.float32), region='cardiac',
                                      min_fraction=0.0, label=payload['group'])
   except Exception as e:  # pylint: disable=broad-except  # reasons name files relative to --input
-    raise dicom_ct.convert_reject(e, dicom_ct.relative_names(root)) from None
+    raise vc.convert_reject(e, vc.relative_names(root)) from None
   return records
 
 

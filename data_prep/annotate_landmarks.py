@@ -79,7 +79,7 @@ def _splits(root):
 
 def run(checkpoint, input_root, output_root, splits=None, threshold=None, batch_size=64):
   """Annotates `splits` of `input_root` into `output_root`; returns {split: {modality: count}}."""
-  from aacp_jax.train import landmarks as lmk  # jax and the model only once the flags are valid
+  from aacp_jax.eval import detector as lmk  # jax and the model only once the flags are valid
   if os.path.abspath(input_root) == os.path.abspath(output_root):
     raise ValueError('--output must differ from --input (the input shards stay as they are)')
   config, model, variables, atlas = lmk.load_detector(checkpoint)

@@ -1,4 +1,6 @@
-"""`python -m aacp_jax.bench prep`: throughput and peak RSS of converting one CT DICOM series.
+"""`python -m data_prep.bench_prep`: throughput and peak RSS of converting one CT DICOM series.
+
+  python -m data_prep.bench_prep [--prep_workers=N] [--prep_rows=512] [--prep_slices=400]
 
 Synthesises a 512x512x400 CT series (real DICOM files, written slice by slice with pydicom) in a
 temporary directory, then converts it with the real `data_prep.dicom_ct` command in a child process,
@@ -14,11 +16,11 @@ import os
 
 from absl import flags
 
-_ROWS = flags.DEFINE_integer('prep_rows', 512, 'bench prep: rows and columns of each slice.')
-_SLICES = flags.DEFINE_integer('prep_slices', 400, 'bench prep: slices in the series.')
-_PIXEL_MM = flags.DEFINE_float('prep_pixel_mm', 0.7, 'bench prep: in-plane pixel spacing (mm).')
-_SLICE_MM = flags.DEFINE_float('prep_slice_mm', 1.0, 'bench prep: slice spacing (mm).')
-_PREP_WORKERS = flags.DEFINE_integer('prep_workers', 1, 'bench prep: --workers of the conversion.')
+_ROWS = flags.DEFINE_integer('prep_rows', 512, 'rows and columns of each slice.')
+_SLICES = flags.DEFINE_integer('prep_slices', 400, 'slices in the series.')
+_PIXEL_MM = flags.DEFINE_float('prep_pixel_mm', 0.7, 'in-plane pixel spacing (mm).')
+_SLICE_MM = flags.DEFINE_float('prep_slice_mm', 1.0, 'slice spacing (mm).')
+_PREP_WORKERS = flags.DEFINE_integer('prep_workers', 1, '--workers of the conversion.')
 
 CT_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.2'
 MR_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.4'
@@ -36,7 +38,7 @@ def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.
   ``(value - intercept) / slope`` as int16. ``header`` adds or overrides DICOM keywords (the privacy
   tests plant identifiers there). ``name_fn(k)`` names file k (default ``slice_KKKK.dcm``).
   """
-  # pydicom imports stay here: `aacp_jax.bench` imports this module just for its flags.
+  # pydicom imports stay here: importing this module (the tests do) stays cheap.
   import numpy as np
   import pydicom
   from pydicom.dataset import FileDataset, FileMetaDataset
@@ -107,7 +109,17 @@ def _phantom_slices(rows: int, slices: int):
     yield hu + noise[k % 8]
 
 
-def run(emit):
+def _emit(**row):
+  """Prints one JSON line with the backend fields `aacp_jax.bench` rows carry (comparable rows)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  # only for the backend fields, after the run.
+  row.setdefault('backend', jax.default_backend())
+  row.setdefault('devices', jax.device_count())
+  row.setdefault('device_kind', jax.devices()[0].device_kind)
+  print(json.dumps(row), flush=True)
+
+
+def run(emit=_emit):
   """Synthesises the series, converts it in a child process, emits one JSON line."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -137,7 +149,7 @@ def run(emit):
       seconds = time.perf_counter() - t0
       log.seek(0)
       if proc.returncode != 0:
-        raise RuntimeError(f'bench prep: data_prep.dicom_ct exited {proc.returncode}: '
+        raise RuntimeError(f'bench_prep: data_prep.dicom_ct exited {proc.returncode}: '
                            f'{" ".join(log.read().split()[-40:])}')
     peak_kib = usage.ru_maxrss  # KiB on Linux
     with open(os.path.join(out, 'train', 'manifest.json'), encoding='utf-8') as f:
@@ -147,3 +159,15 @@ def run(emit):
        spacing_mm=[_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value], workers=_PREP_WORKERS.value,
        synth_s=round(synth_s, 2), seconds=round(seconds, 2), volumes_per_s=round(1 / seconds, 4),
        records=records, peak_rss_bytes=peak, peak_rss_under_2gb=peak < 2 * 1024**3)
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  run()
+
+
+if __name__ == '__main__':
+  from absl import app as _app
+  _app.run(main)

@@ -47,9 +47,9 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from aacp_jax.augment import config as aug_config
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import shards
+from aacp_jax.modalities import CT_WINDOWS
 
 FLAGS = flags.FLAGS
 
@@ -78,7 +78,7 @@ def to_png(image, modality, ct_window='abdomen'):
   if modality == 'xray':
     return image[..., 0].astype(np.uint8)
   if modality == 'ct':
-    lo, hi = aug_config.CT_WINDOWS[ct_window]
+    lo, hi = CT_WINDOWS[ct_window]
     x = image[..., image.shape[-1] // 2].astype(np.float32)
   else:
     x = image[..., 0].astype(np.float32)
@@ -88,8 +88,8 @@ def to_png(image, modality, ct_window='abdomen'):
 
 def export(input_root, output, modality, split, count, seed=0, ct_window='abdomen'):
   """Writes `count` images of one modality/split as PNGs plus index.csv; returns the image names."""
-  if ct_window not in aug_config.CT_WINDOWS:
-    raise ValueError(f'--ct_window={ct_window}: known: {", ".join(aug_config.CT_WINDOWS)}')
+  if ct_window not in CT_WINDOWS:
+    raise ValueError(f'--ct_window={ct_window}: known: {", ".join(CT_WINDOWS)}')
   source = shards.open_source(input_root, split, modality)
   n = min(count, len(source))
   picks = sorted(np.random.default_rng(seed).choice(len(source), n, replace=False).tolist())

@@ -33,8 +33,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from data_prep import dicom_ct
 from data_prep import runner
+from data_prep import volume_common as vc
 
 DATASET = 'lidc_idri'
 LABEL_NAMES = ('benign', 'malignant')
@@ -142,12 +142,12 @@ def consensus(groups, *, threes: str = 'drop', min_readers: int = 1):
 
 
 def list_items(root: str, salt: bytes, *, cluster_mm=10.0, threes='drop', min_readers=1):
-  series, rejects, names = dicom_ct.scan_tree(root, DATASET, salt, skip_ext=('.xml',))
+  series, rejects, names = vc.scan_tree(root, DATASET, salt, skip_ext=('.xml',))
   readings = {}
-  for rel in dicom_ct.list_files(root):
+  for rel in vc.list_files(root):
     if not rel.lower().endswith('.xml'):
       continue
-    names[rel] = dicom_ct.hashed_key(salt, DATASET, 'file', rel)  # for --locate
+    names[rel] = vc.hashed_key(salt, DATASET, 'file', rel)  # for --locate
     try:
       parsed = parse_xml(os.path.join(root, rel))
     except ValueError as e:
@@ -215,7 +215,7 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
   from data_prep import ops  # pylint: disable=g-import-not-at-top
   files = item.payload['files']
-  image = dicom_ct.read_series(options.input, files, item.key)
+  image = vc.read_series(options.input, files, item.key)
   crop = options.extra.get('crop', 64)
   records = []
   try:
@@ -228,7 +228,7 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
                       'region': 'chest', 'spacing': np.ones(3, np.float32),
                       'mask': consensus_mask(nodule, grid), 'label': np.array(nodule['label'], np.int32)})
   except Exception as e:  # pylint: disable=broad-except
-    raise dicom_ct.convert_reject(e, dicom_ct.payload_names(options.input, files, item.key)) from None
+    raise vc.convert_reject(e, vc.payload_names(options.input, files, item.key)) from None
   return records
 
 
@@ -245,7 +245,7 @@ def main(argv):
   items, rejects, names = list_items(options.input, options.salt, cluster_mm=f.cluster_mm,
                                      threes=f.threes, min_readers=f.min_readers)
   if f.locate:
-    print('\n'.join(dicom_ct.locate(names, options.input, f.locate)) or f'{f.locate}: no such key')
+    print('\n'.join(vc.locate(names, options.input, f.locate)) or f'{f.locate}: no such key')
     return 0
   return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
                     meta=extra)

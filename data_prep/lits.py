@@ -14,8 +14,11 @@ Per slab:
 * ``label`` int32: 1 when any slice of the slab holds tumour (names ``no_tumour``, ``tumour``).
 
 Some LiTS segmentations carry header geometry that differs slightly from their volume's although
-they were drawn on its voxels; a segmentation of the same size takes the volume's geometry. A size
-mismatch, labels outside {0, 1, 2}, or a missing segmentation reject the case. Subject: ``volume-N``.
+they were drawn on its voxels; a segmentation within half a voxel of the volume's grid takes the
+volume's geometry, one stored in another orientation of the same voxels is turned onto it
+(``ops.align_to``), and one whose grid is shifted or otherwise differs is a ``geometry`` reject. A
+size mismatch, labels outside {0, 1, 2}, or a missing segmentation reject the case too. Subject:
+``volume-N``.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import re
 
 import numpy as np
 
-from data_prep import dicom_ct
 from data_prep import runner
+from data_prep import volume_common as vc
 
 DATASET = 'lits'
 LABEL_NAMES = ('no_tumour', 'tumour')
@@ -37,7 +40,7 @@ MIDDLE = 32
 def list_items(root: str):
   """Items (one per volume with its segmentation) and listing rejects."""
   volumes, segs, rejects = {}, {}, []
-  for rel in dicom_ct.list_files(root):
+  for rel in vc.list_files(root):
     name = os.path.basename(rel)
     for pattern, table in ((_VOLUME, volumes), (_SEGMENTATION, segs)):
       m = pattern.match(name)
@@ -75,8 +78,9 @@ def read_case(root: str, payload: dict):
   if not np.isin(labels, (0, 1, 2)).all():
     raise runner.Reject('unknown_label', f'{payload["segmentation"]}: labels '
                         f'{sorted(labels.tolist())[:6]}, expected 0 background / 1 liver / 2 tumour')
-  seg = sitk.Cast(seg, sitk.sitkUInt8)
-  seg.CopyInformation(image)  # drawn on the volume's voxels; see the module docstring
+  # Drawn on the volume's voxels: a header off by rounding is replaced, a mask stored in another
+  # orientation is turned onto the volume's grid, and one on other voxels is a geometry reject.
+  seg = ops.align_to(sitk.Cast(seg, sitk.sitkUInt8), image, payload['segmentation'])
   return image, seg
 
 
@@ -85,18 +89,18 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   records = []
   try:
     image, seg = read_case(options.input, item.payload)
-    for record, slab in dicom_ct.slab_records(image, region='abdomen', mask=seg, where=item.key,
-                                              stride=options.extra.get('slab_stride', 64)):
+    for record, slab in vc.slab_records(image, region='abdomen', mask=seg, where=item.key,
+                                        stride=options.extra.get('slab_stride', 64)):
       record['mask'] = np.ascontiguousarray(slab.mask[:, :, MIDDLE])
       record['label'] = np.array((slab.mask == 2).any(), np.int32)
       records.append(record)
   except Exception as e:  # pylint: disable=broad-except  # reasons name files relative to --input
-    raise dicom_ct.convert_reject(e, dicom_ct.relative_names(options.input)) from None
+    raise vc.convert_reject(e, vc.relative_names(options.input)) from None
   return records
 
 
 def main(argv):
-  options = dicom_ct.slab_options(argv)
+  options = vc.slab_options(argv)
   stride = options.extra['slab_stride']
   items, rejects = list_items(options.input)
   return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
@@ -106,5 +110,5 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app as _app
-  dicom_ct.define_slab_flags()
+  vc.define_slab_flags()
   _app.run(main)

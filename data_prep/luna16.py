@@ -23,8 +23,8 @@ import os
 
 import numpy as np
 
-from data_prep import dicom_ct
 from data_prep import runner
+from data_prep import volume_common as vc
 
 DATASET = 'luna16'
 LABEL_NAMES = ('no_nodule', 'nodule')
@@ -70,11 +70,11 @@ def list_items(root: str, salt: bytes):
   nodules, bad = read_annotations(ann_path)
   rejects = [(f'annotations.csv:{line}', 'corrupt', reason) for line, reason in bad]
   items, names, seen = [], {}, {}
-  for rel in dicom_ct.list_files(root):
+  for rel in vc.list_files(root):
     if not rel.lower().endswith('.mhd'):
       continue
     uid = os.path.basename(rel)[:-4]
-    key = f'{os.path.dirname(rel) or "."}/{dicom_ct.hashed_key(salt, DATASET, "series", uid)}'
+    key = f'{os.path.dirname(rel) or "."}/{vc.hashed_key(salt, DATASET, "series", uid)}'
     names.update({os.path.join(root, rel): key, rel: key, uid: key})
     if uid in seen:
       rejects.append((key, 'duplicate', f'the same series is also under {seen[uid]}'))
@@ -125,8 +125,8 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
     nodules = item.payload['nodules']
     mask = nodule_mask(image, nodules) if nodules else None
     records = []
-    for record, slab in dicom_ct.slab_records(image, region='chest', mask=mask, where=item.key,
-                                              stride=options.extra.get('slab_stride', 64)):
+    for record, slab in vc.slab_records(image, region='chest', mask=mask, where=item.key,
+                                        stride=options.extra.get('slab_stride', 64)):
       footprint = slab.mask.max(axis=2) if slab.mask is not None else \
           np.zeros(record['image'].shape[:2], np.uint8)
       record['mask'] = footprint
@@ -135,12 +135,12 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   except runner.Reject:
     raise
   except Exception as e:  # pylint: disable=broad-except  # one clean, path-free reject.
-    raise dicom_ct.convert_reject(e, names) from None
+    raise vc.convert_reject(e, names) from None
   return records
 
 
 def main(argv):
-  options = dicom_ct.slab_options(argv)
+  options = vc.slab_options(argv)
   stride = options.extra['slab_stride']
   try:
     items, rejects, _, summary = list_items(options.input, options.salt)
@@ -156,5 +156,5 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app as _app
-  dicom_ct.define_slab_flags()
+  vc.define_slab_flags()
   _app.run(main)

@@ -39,6 +39,11 @@ def list_items(root: str):
       continue
     listed.add(rel)
     try:
+      xc.check_row(row, where)
+    except runner.Reject as e:
+      rejects.append((rel, e.kind, e.reason))
+      continue
+    try:
       months = float(row.get('boneage') or 'nan')
     except ValueError:
       months = math.nan

@@ -25,40 +25,18 @@ from typing import Any
 from absl import flags
 from absl import logging
 
+from aacp_jax import version
 from aacp_jax.data import shards
 from data_prep import privacy
 from data_prep import runner_shard
 
+# Defined on the worker side (which rebuilds them from a task); every converter names them here.
+Item = runner_shard.Item
+Options = runner_shard.Options
 Reject = runner_shard.Reject
-REGION_ORGANS = runner_shard.REGION_ORGANS
 SPLITS = ('train', 'val', 'test')
 # Most held-out first: a subject listed in two splits stays in the one that guards evaluation.
 _SPLIT_RANK = {'test': 0, 'val': 1, 'train': 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """One input unit (an image, a volume, a case). ``subject`` is hashed, never written."""
-  key: str
-  subject: str
-  modality: str
-  payload: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  input: str
-  output: str
-  salt: bytes = dataclasses.field(repr=False)
-  workers: int = 1
-  seed: int = 0
-  val_fraction: float = 0.1
-  test_fraction: float = 0.1
-  items_per_shard: int = 64
-  image_size: int = 1024
-  limit: int | None = None
-  progress: bool = True
-  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def define_flags(*, default_workers: int = 1, default_image_size: int = 1024,
@@ -268,7 +246,7 @@ def run(dataset: str, items: Iterable[Item], convert: Callable, options: Options
   items = list(items)
   tasks = _plan(dataset, items, o, split_of, reject_rows)
   fingerprint = privacy.salt_fingerprint(o.salt)
-  code_version = runner_shard.code_version()
+  code_version = version.code_version()
   common = {'dataset': dataset, 'convert': _convert_ref(convert), 'output': o.output,
             'code_version': code_version, 'salt_fingerprint': fingerprint,
             # Converters never need the salt: subjects arrive hashed.

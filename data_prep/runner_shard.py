@@ -7,27 +7,47 @@ exactly when it would write the same bytes again.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import importlib
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import records as rec
 from aacp_jax.data import shards
+from aacp_jax.errors import one_line
 
-# Organs a record of each region shows when its converter does not say (multi-hot 'organs').
-REGION_ORGANS = {
-    'chest': ('lungs', 'heart', 'aorta', 'trachea', 'bone'),
-    'abdomen': ('liver', 'kidneys', 'spleen', 'bone'),
-    'brain': ('brain',),
-    'cardiac': ('heart', 'lungs', 'aorta'),
-    'hand': ('bone',),
-}
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Item and Options live here, not in runner, because a worker rebuilds them from a task: runner
+# imports this module, never the reverse (runner re-exports both under their usual names).
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One input unit (an image, a volume, a case). ``subject`` is hashed, never written."""
+  key: str
+  subject: str
+  modality: str
+  payload: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  input: str
+  output: str
+  salt: bytes = dataclasses.field(repr=False)
+  workers: int = 1
+  seed: int = 0
+  val_fraction: float = 0.1
+  test_fraction: float = 0.1
+  items_per_shard: int = 64
+  image_size: int = 1024
+  limit: int | None = None
+  progress: bool = True
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Reject(Exception):
@@ -36,25 +56,6 @@ class Reject(Exception):
   def __init__(self, kind: str, reason: str):
     super().__init__(f'{kind}: {reason}')
     self.kind, self.reason = kind, reason
-
-
-def one_line(text: str, limit: int = 300) -> str:
-  return ' '.join(str(text).split())[:limit]
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-  """Package version + a hash of the code that decides the output bytes (no git needed)."""
-  import aacp_jax  # pylint: disable=g-import-not-at-top
-  h = hashlib.sha256()
-  paths = [os.path.join('aacp_jax', 'data', n) for n in ('records.py', 'shards.py', 'landmarks.py')]
-  for folder, _, names in sorted(os.walk(os.path.join(_ROOT, 'data_prep'))):
-    paths += [os.path.relpath(os.path.join(folder, n), _ROOT) for n in sorted(names)
-              if n.endswith('.py')]
-  for rel in sorted(paths):
-    with open(os.path.join(_ROOT, rel), 'rb') as f:
-      h.update(rel.encode() + b'\0' + f.read() + b'\0')
-  return f'{aacp_jax.__version__}+{h.hexdigest()[:12]}'
 
 
 def _paths(output, task):
@@ -160,17 +161,16 @@ def _complete(record, subject_hash, dataset):
     r['landmarks'], r['landmark_visible'], r['landmarks_canonical'] = lm.empty_landmarks()
   if 'organs' not in r:
     region = r.get('region')
-    if region not in REGION_ORGANS:
+    if region not in lm.REGION_ORGANS:
       raise ValueError(f'region {region!r} has no default organs; set record["organs"] '
-                       f'(known regions: {sorted(REGION_ORGANS)})')
-    r['organs'] = lm.organ_multi_hot(REGION_ORGANS[region])
+                       f'(known regions: {sorted(lm.REGION_ORGANS)})')
+    r['organs'] = lm.organ_multi_hot(lm.REGION_ORGANS[region])
   return r
 
 
 def _convert_item(item, subject_hash, convert, options, dataset):
   """Encoded records of one item, all or none; or a (kind, reason) reject."""
-  from data_prep import runner  # pylint: disable=g-import-not-at-top  # runner imports this module.
-  it = runner.Item(key=item['key'], subject='', modality=item['modality'], payload=item['payload'])
+  it = Item(key=item['key'], subject='', modality=item['modality'], payload=item['payload'])
   out, bad = _attempt(it, subject_hash, convert, options, dataset)
   if bad:
     reason = bad[1]
@@ -219,10 +219,9 @@ def run_task(task: dict, common: dict, bar=None) -> dict:
     if bar is not None:
       bar.update(len(task['items']))
     return summary
-  from data_prep import runner  # pylint: disable=g-import-not-at-top
   module, name = common['convert'].split(':')
   convert = getattr(importlib.import_module(module), name)
-  options = runner.Options(**common['options'])
+  options = Options(**common['options'])
   crashed = set(task.get('crashed', ()))
   stats, rejects = _Stats(), []
 

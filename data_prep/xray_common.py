@@ -31,6 +31,7 @@ CHEXPERT_LABELS = (
 # The labeller writes 1.0 positive, 0.0 negative, -1.0 uncertain and leaves a blank when the report
 # does not mention the finding; blank reads as 0 (records.py: 0 = negative or not mentioned).
 _VALUE = {'1': 1, '1.0': 1, '0': 0, '0.0': 0, '-1': -1, '-1.0': -1, '': 0}
+LABEL_VALUES = _VALUE  # the same coding for any multi-label CSV (data_prep.dicom_xray)
 
 
 def define_xray_flags() -> None:
@@ -62,16 +63,32 @@ def run_command(build, *extra_flags: str, **extra_values) -> None:
 
 def chexpert_labels(row: dict, where: str) -> list[int]:
   """The 14 observations of a CheXpert-style CSV row as -1/0/1; ``runner.Reject`` otherwise."""
+  check_row(row, where)
   out = []
   for name in CHEXPERT_LABELS:
     if name not in row:
       raise runner.Reject('missing_label', f'{where}: no column {name!r}')
-    value = (row[name] or '').strip()
+    value = row[name].strip()
     if value not in _VALUE:
       raise runner.Reject('unknown_label', f'{where}: {name!r} is {value!r}, expected 1, 0, -1 or '
                           'blank')
     out.append(_VALUE[value])
   return out
+
+
+def check_row(row: dict, where: str) -> None:
+  """``runner.Reject`` for a CSV row with fewer or more fields than the header.
+
+  ``csv.DictReader`` fills the columns of a row cut short with None and files surplus fields under
+  the key None; read as blanks or ignored, either would give a wrong label, not a reject.
+  """
+  short = [k for k, v in row.items() if k is not None and v is None]
+  if short:
+    raise runner.Reject('missing_label', f'{where}: the row ends before column {short[0]!r} '
+                        f'({len(short)} of {len(row) - (None in row)} fields missing: cut short?)')
+  if row.get(None):
+    raise runner.Reject('format', f'{where}: {len(row[None])} more field(s) than the header '
+                        '(an unquoted comma?)')
 
 
 def read_csv(path: str) -> Iterator[tuple[int, dict]]:
@@ -112,6 +129,9 @@ def check_pixels(pixels: np.ndarray, where: str, min_side: int = MIN_SIDE) -> np
                         f'{min_side}, aspect <= {MAX_ASPECT:g})')
   if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
     raise runner.Reject('nan', f'{where}: non-finite pixel values')
+  if pixels.min() == pixels.max():
+    # A blank export: CLAHE would turn it into an all-white record.
+    raise runner.Reject('empty', f'{where}: every pixel is {pixels.flat[0]} (a blank image)')
   return pixels
 
 
@@ -119,10 +139,9 @@ def read_image(options: runner.Options, rel: str) -> np.ndarray:
   """Grey pixels of ``--input/rel`` through the ops reader, with the runner's reject kinds."""
   from data_prep.ops import xray  # pylint: disable=g-import-not-at-top  # heavy (skimage) imports.
   path = os.path.join(options.input, rel)
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     raise runner.Reject('missing_file', f'{rel}: file not found')
-  if os.path.getsize(path) == 0:
-    raise runner.Reject('empty', f'{rel}: empty file (0 bytes)')
+  # Directory, 0-byte and DICOM checks live in the reader (one place for every X-ray path).
   return check_pixels(np.asarray(xray.read_image_file(path)), rel)
 
 

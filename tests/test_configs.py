@@ -2,7 +2,7 @@
 import pytest
 
 from aacp_jax.augment import config as augment_config
-from aacp_jax.train import state as state_lib
+from aacp_jax.train import pretrain as pretrain_experiment
 from configs import pretrain
 
 
@@ -20,7 +20,7 @@ def test_default_is_paper_settings():
   assert c.model.dtype == 'bfloat16'
   # Paper 3.2.1: lambda_spatial 0.1, trained through the landmark head.
   assert c.loss.spatial_weight == 0.1 and c.model.landmark_head
-  state_lib.check_config(c)
+  pretrain_experiment.check_config(c)
 
 
 def test_demo_is_cpu_sized_and_composes():
@@ -79,7 +79,7 @@ def test_default_is_the_full_model_and_each_ablation_removes_one_module():
 def test_every_variant_builds():
   for name in pretrain.sweep():
     c = pretrain.get_config(name)
-    state_lib.check_config(c)
+    pretrain_experiment.check_config(c)
     assert c.variant == name
 
 
@@ -115,5 +115,33 @@ def test_bad_values_fail_before_compilation(key, value, match):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=match) as e:
-    state_lib.check_config(c)
+    pretrain_experiment.check_config(c)
   assert '\n' not in str(e.value)
+
+
+def test_key_value_items_set_values_by_their_type():
+  c = pretrain.get_config('demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),'
+                          'eval.probe=False,no_roi')
+  assert c.method == 'aacp' and c.optim.lr == 3e-4 and isinstance(c.optim.lr, float)
+  assert c.model.projector == (32, 32, 16) and c.eval.probe is False
+  assert not c.model.roi_attention  # a named variant after the settings still applies
+  assert c.variant == 'demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),' \
+      'eval.probe=False,no_roi'
+
+
+@pytest.mark.parametrize('arg,match', [
+    ('demo,optim.lr=fast', r'optim.lr=fast: expected a float'),
+    ('demo,optim.nope=1', r"config has no key 'optim.nope'"),
+    ('demo,eval.probe=1', r'eval.probe=1: expected a bool'),
+    ('demo,batch_size=(1,2)', r'batch_size=\(1,2\): expected a int'),
+])
+def test_bad_key_value_items_name_the_key(arg, match):
+  with pytest.raises(ValueError, match=match) as e:
+    pretrain.get_config(arg)
+  assert '\n' not in str(e.value)
+
+
+def test_unknown_method_names_the_registry():
+  c = pretrain.get_config('demo,method=byol')
+  with pytest.raises(ValueError, match=r"config.method='byol': expected one of aacp"):
+    pretrain_experiment.check_config(c)

@@ -7,6 +7,7 @@ import pytest
 
 from aacp_jax.data import landmarks as lm
 from aacp_jax.models import detector as det
+from aacp_jax.eval import detector as detector_eval
 from aacp_jax.train import landmarks as lmk
 from data_prep import annotate_landmarks as ann
 
@@ -98,7 +99,7 @@ def test_detection_metrics_by_hand():
   conf = np.zeros((2, K), np.float32)
   conf[:, 0] = 0.9
   conf[0, 1] = 0.8  # an invisible landmark called visible
-  m = lmk.detection_metrics(pred, conf, truth, vis, 100, threshold=0.5, radius=0.05 + 1e-6)
+  m = detector_eval.detection_metrics(pred, conf, truth, vis, 100, threshold=0.5, radius=0.05 + 1e-6)
   assert m['mre_px'] == pytest.approx(7.5, abs=1e-4)
   assert m['mre_percent'] == pytest.approx(7.5, abs=1e-4)
   assert m['detection_rate'] == 0.5

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from aacp_jax import losses
-from aacp_jax.train import state as state_lib
-from aacp_jax.train.pretrain import make_cross_schedule
+from aacp_jax.methods.aacp import cross_modal_schedule, make_cross_schedule
 from configs import pretrain
 from tests.test_losses import np_info_nce
 
@@ -96,7 +95,7 @@ def test_cross_modal_info_nce_matches_numpy():
 
 def test_curriculum_at_the_papers_epochs():
   c = pretrain.get_config()
-  schedule = state_lib.cross_modal_schedule(c.loss, steps_per_epoch=10)
+  schedule = cross_modal_schedule(c.loss, steps_per_epoch=10)
   got = [float(schedule(epoch * 10)) for epoch in (0, 50, 75, 100, 150)]
   np.testing.assert_allclose(got, [0, 0, 0.15, 0.3, 0.3], atol=1e-7)
   assert float(losses.curriculum_weight(60.0, 60, 60, 0.3)) == pytest.approx(0.3)

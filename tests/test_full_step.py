@@ -5,7 +5,7 @@
 import jax
 import pytest
 
-from aacp_jax.train.step import loss_fn
+from aacp_jax.methods.aacp import loss_fn
 from configs import pretrain
 from tests.test_spatial_training import host_batch, tiny_config
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from aacp_jax.data import records as rec
 from aacp_jax.data import shards
-from data_prep import dicom_ct, lidc_idri, runner
+from data_prep import dicom_ct, lidc_idri, runner, volume_common
 from data_prep.bench_prep import write_dicom_series
 from tests.test_prep_volume_datasets import write_lidc
 
@@ -134,6 +134,7 @@ def test_lidc_idri_writes_no_identifier(tmp_path, capsys):
   assert runner.run('lidc_idri', items, lidc_idri.convert, o, rejects=bad) == 1
   captured = capsys.readouterr()
   (broken,) = [key for key, kind, _ in bad if kind == 'corrupt']
-  assert dicom_ct.locate(names, str(raw), broken) == [os.path.relpath(series / 'broken.xml', raw)]
+  assert volume_common.locate(names, str(raw), broken) == [
+      os.path.relpath(series / 'broken.xml', raw)]
   assert shards.read_manifest(str(out), 'train')['modalities']['ct']['count'] == 2
   assert _leaks(str(out), needles, texts=(captured.out, captured.err)) == []

@@ -1,4 +1,5 @@
 """data_prep.runner and data_prep.privacy: splits, rejects, resume, workers, crashes, manifest, salt."""
+import ast
 import json
 import multiprocessing
 import os
@@ -133,7 +134,7 @@ def test_run_splits_rejects_manifest(tmp_path):
       subjects.setdefault(r['subject'], set()).add(split)
       assert r['source'] == 'toy' and r['target'] == v and r['label'] == v % 2
       assert not r['landmark_visible'].any() and (r['landmarks'] == 0).all()
-      np.testing.assert_array_equal(r['organs'], lm.organ_multi_hot(runner.REGION_ORGANS['chest']))
+      np.testing.assert_array_equal(r['organs'], lm.organ_multi_hot(lm.REGION_ORGANS['chest']))
     # Imported here: it pulls in jax, and spawned workers import this module (keep them light).
     from aacp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     arrays = pipeline.load_split_arrays(str(out), split, 'xray', 8)
@@ -214,3 +215,28 @@ def test_bad_options_and_converters(tmp_path):
     runner.run('toy', _items(2), lambda item, s, o: [], _options(tmp_path))
   assert 'salt' not in repr(_options(tmp_path)).split('output')[1].split(',')[1]
   assert SALT.decode() not in repr(_options(tmp_path))
+
+
+def _imports(path):
+  """Every module a file imports, at any depth (lazy imports inside functions included)."""
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+  return out
+
+
+def test_imports_point_one_way():
+  # runner imports runner_shard (the worker side), never the reverse; the library never imports
+  # data_prep (converters depend on aacp_jax, not the other way round).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert 'data_prep.runner' not in _imports(os.path.join(root, 'data_prep', 'runner_shard.py'))
+  for folder, _, names in os.walk(os.path.join(root, 'aacp_jax')):
+    for name in names:
+      if name.endswith('.py'):
+        path = os.path.join(folder, name)
+        assert not any(m.split('.')[0] == 'data_prep' for m in _imports(path)), path

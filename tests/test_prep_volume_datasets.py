@@ -8,6 +8,8 @@ and that masks sit on the structures they label.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from aacp_jax.data import shards
-from data_prep import dicom_ct, lidc_idri, lits, luna16, privacy, runner
+from data_prep import dicom_ct, lidc_idri, lits, luna16, privacy, runner, volume_common
 from data_prep.bench_prep import write_dicom_series
 
 SALT = b'test-salt-0123456789'
@@ -220,7 +222,7 @@ def test_dicom_ct_round_trip_and_bad_input_matrix(tmp_path):
   assert str(raw) not in reasons and 'notes' not in reasons and uid not in reasons
   # The keys point back to the files for whoever holds the salt, on the terminal only.
   key = next(r['key'] for r in rows if r['kind'] == 'corrupt')
-  assert dicom_ct.locate(names, str(raw), key) == [os.path.join('a', 'notes.txt')]
+  assert volume_common.locate(names, str(raw), key) == [os.path.join('a', 'notes.txt')]
   recs = records(out)
   assert len(recs) == 4 and len({r['subject'] for r in recs}) == 2  # series a and b, 2 slabs each
   first = [r for r in recs if r['subject'] == privacy.subject_hash(SALT, 'dicom_ct', 'P1')][0]
@@ -329,3 +331,15 @@ def test_lidc_consensus_crops_masks_and_labels(tmp_path):
   # The benign nodule is 32 mm below the top of the slab but only 17.5 mm below the scan's top slice:
   # the slab's first slices lie above the scan, filled with air.
   assert (benign['image'][..., :10] == -1024).all() and (benign['image'][..., 20] != -1024).all()
+
+
+def test_bench_prep_is_its_own_command_printing_one_json_line():
+  # A tiny series: this checks the command, not the speed (figures live in docs/PERFORMANCE.md).
+  cmd = [sys.executable, '-m', 'data_prep.bench_prep', '--prep_rows=32', '--prep_slices=70',
+         '--prep_workers=0']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert row['bench'] == 'prep' and row['series_shape'] == [32, 32, 70] and row['records'] == 2
+  assert row['peak_rss_bytes'] > 0 and row['backend'] == 'cpu'

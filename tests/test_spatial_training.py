@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from aacp_jax.data import landmarks as lm
-from aacp_jax.models import encoders
+from aacp_jax.methods import aacp, terms
+from aacp_jax.methods.aacp import loss_fn, make_views
+from aacp_jax.modalities import IN_CHANNELS
+from aacp_jax.models import inputs
 from aacp_jax.models.heads import LandmarkHead, spatial_soft_argmax
-from aacp_jax.train import state as state_lib
-from aacp_jax.train.step import loss_fn, make_views, spatial_term
+from aacp_jax.train import pretrain as pretrain_experiment
 from configs import pretrain
 
 K = len(lm.LANDMARKS)
@@ -33,7 +35,7 @@ def host_batch(config, n=8, seed=0):
   out = {}
   for m in config.modalities:
     dtype, scale = raw[m]
-    image = rng.normal(0, scale, (n, s, s, state_lib.IN_CHANNELS[m]))
+    image = rng.normal(0, scale, (n, s, s, IN_CHANNELS[m]))
     if m == 'xray':
       image = np.clip(image + 128, 0, 255)
     visible = rng.uniform(size=(n, K)) < 0.7
@@ -45,9 +47,8 @@ def host_batch(config, n=8, seed=0):
 
 
 def init(config):
-  model = encoders.build_model(config.model, config.modalities)
-  s = config.data.image_size
-  dummy = {m: jnp.zeros((2, s, s, state_lib.IN_CHANNELS[m])) for m in config.modalities}
+  model = aacp.build_model(config)
+  dummy = inputs.dummy_inputs(config.modalities, config.data.image_size)
   return model, model.init(jax.random.key(0), dummy, train=False)
 
 
@@ -78,7 +79,7 @@ def test_model_adds_landmarks_only_when_asked():
   config = tiny_config()
   model, variables = init(config)
   assert {'landmarks_mri', 'landmarks_xray'} <= set(variables['params'])
-  x = {m: jnp.zeros((2, 32, 32, state_lib.IN_CHANNELS[m])) for m in config.modalities}
+  x = {m: jnp.zeros((2, 32, 32, IN_CHANNELS[m])) for m in config.modalities}
   out = model.apply(variables, x, train=False)
   assert out['mri']['landmarks'].shape == (2, K, 2)
   config.model.landmark_head = False
@@ -96,7 +97,8 @@ def test_spatial_gradient_reaches_the_encoder():
   def spatial_only(params):
     out, _ = model.apply({'params': params, 'batch_stats': v['batch_stats']},
                          {'mri': views['mri']['image']}, train=True, mutable=['batch_stats'])
-    return spatial_term(out['mri']['landmarks'], views['mri'], batch['mri'])
+    ctx = terms.Context(out=out, views=views, batch=batch, config=config, neg_weights={})
+    return terms.spatial_term(ctx, 'mri')[0]
 
   grads = jax.jit(jax.grad(spatial_only))(v['params'])
   assert float(jnp.max(jnp.abs(grads['encoder_mri']['conv1']['kernel']))) > 0
@@ -107,7 +109,7 @@ def test_spatial_gradient_reaches_the_encoder():
 
 def test_no_spatial_has_no_spatial_metrics():
   config = tiny_config('demo,minimal,no_spatial', modalities=('mri',))
-  state_lib.check_config(config)
+  pretrain_experiment.check_config(config)
   model, v = init(config)
   assert not any(k.startswith('landmarks_') for k in v['params'])
   batch = jax.tree.map(jnp.asarray, host_batch(config))
@@ -121,4 +123,4 @@ def test_spatial_weight_needs_the_head():
   config = tiny_config()
   config.model.landmark_head = False
   with pytest.raises(ValueError, match=r'config.model.landmark_head'):
-    state_lib.check_config(config)
+    pretrain_experiment.check_config(config)

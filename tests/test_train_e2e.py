@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from aacp_jax import restore
 from aacp_jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,3 +98,13 @@ def test_interrupt_and_resume_continues_exactly(tmp_path):
       r = results['probe'][m][enc]
       assert 0.0 <= r['auroc'] <= 1.0 and r['n_test'] == 16 and r['l2'] == 0.01
   assert 'Linear probes' in out and 'pretrained' in out
+  # The workdir alone rebuilds the model: config.json and a parameters-only restore of the
+  # final checkpoint, whose encoder applied alone gives the model's own backbone features.
+  restored = restore.load_variables(run_dir)
+  assert restored.step == 24 and restored.config.model.width == 4
+  assert tuple(restored.config.model.projector) == (32, 32, 16)
+  encoder, enc_vars = restore.encoder_variables(restored, 'mri')
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  alone = encoder.apply(enc_vars, x, train=False)['c5']
+  inside = restored.model.apply(restored.variables, x, 'mri', method='backbone')['c5']
+  np.testing.assert_array_equal(np.asarray(alone), np.asarray(inside))

@@ -61,12 +61,22 @@ ORGANS: tuple[str, ...] = (
     'lungs', 'heart', 'aorta', 'trachea', 'liver', 'kidneys', 'spleen', 'bone', 'brain',
 )
 
+# Organs a record of each region shows when its converter does not say (multi-hot 'organs').
+REGION_ORGANS: dict[str, tuple[str, ...]] = {
+    'chest': ('lungs', 'heart', 'aorta', 'trachea', 'bone'),
+    'abdomen': ('liver', 'kidneys', 'spleen', 'bone'),
+    'brain': ('brain',),
+    'cardiac': ('heart', 'lungs', 'aorta'),
+    'hand': ('bone',),
+}
+
 REGIONS: tuple[str, ...] = tuple(REGION_LANDMARKS)
 
 _LANDMARK_INDEX = {name: i for i, name in enumerate(LANDMARKS)}
 _ORGAN_INDEX = {name: i for i, name in enumerate(ORGANS)}
 assert len(_LANDMARK_INDEX) == len(LANDMARKS) and len(_ORGAN_INDEX) == len(ORGANS)
 assert all(n in _LANDMARK_INDEX for names in REGION_LANDMARKS.values() for n in names)
+assert all(n in _ORGAN_INDEX for names in REGION_ORGANS.values() for n in names)
 
 
 def landmark_index(name: str) -> int:

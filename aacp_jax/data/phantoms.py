@@ -23,11 +23,15 @@ import zlib
 
 import numpy as np
 
+from aacp_jax import version
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import records as rec
 from aacp_jax.data import shards
+from aacp_jax.modalities import MODALITIES  # every modality has phantoms (data_prep.phantoms)
 
-MODALITIES = ('ct', 'xray', 'mri')
+# A phantom's RNG is seeded with its modality's position in this tuple, so the order is part of
+# every phantom's bytes and every demo result: never reorder it to match aacp_jax.modalities.
+_SEED_ORDER = ('ct', 'xray', 'mri')
 CT_SLICES = 64
 TISSUES = {'air': 0, 'fat': 1, 'soft_tissue': 2, 'lung': 3, 'airway': 4, 'heart': 5, 'aorta': 6,
            'liver': 7, 'spleen': 8, 'kidney': 9, 'bone': 10, 'lesion': 11, 'scalp': 12, 'csf': 13,
@@ -378,7 +382,7 @@ def make_record_with_truth(modality: str, index: int, *, seed: int, image_size: 
   (CT ``(S, S, 64)``, X-ray ``(S, S, AP samples)``, MRI ``(S, S)``)."""
   if modality not in _MAKERS:
     raise ValueError(f'unknown phantom modality {modality!r}; expected one of {MODALITIES}')
-  key = [seed, zlib.crc32(split.encode()), MODALITIES.index(modality), index]
+  key = [seed, zlib.crc32(split.encode()), _SEED_ORDER.index(modality), index]
   rng = np.random.default_rng(np.random.SeedSequence(key))
   label = int(rng.integers(2))
   record, truth = _MAKERS[modality](rng, image_size, label)
@@ -397,7 +401,7 @@ def make_record(modality: str, index: int, *, seed: int, image_size: int, split:
 def _params(seed, image_size, counts):
   return {'generator': 'phantoms', 'seed': int(seed), 'image_size': int(image_size),
           'counts': {s: {m: int(n) for m, n in sorted(c.items())} for s, c in sorted(counts.items())},
-          'code_version': shards._code_version()}  # pylint: disable=protected-access
+          'code_version': version.code_version()}
 
 
 def default_root(workdir: str, seed: int, image_size: int, counts: dict) -> str:

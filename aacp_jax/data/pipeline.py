@@ -133,8 +133,3 @@ def load_split_arrays(root: str, split: str, modality: str, image_size: int, *,
   if len(rows['mask']) == len(source):
     out['mask'] = np.stack(rows['mask'])
   return out
-
-
-def modalities(root: str, split: str) -> Sequence[str]:
-  """Modalities present in a written split, from its manifest."""
-  return sorted(shards.read_manifest(root, split)['modalities'])

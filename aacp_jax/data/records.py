@@ -22,14 +22,13 @@ import msgpack
 import numpy as np
 
 from aacp_jax.data import landmarks as lm
+from aacp_jax.modalities import IN_CHANNELS, MODALITIES, RAW_DTYPES
 
 VERSION = 1
 _MAGIC = b'AACR'
 _HEADER = struct.Struct('<4sHIQ')
-MODALITIES = ('ct', 'mri', 'xray')
-# Per modality: (image dtype, channel count). CT is 2.5D: 64 consecutive 1 mm axial slices.
-IMAGE_SPEC = {'ct': (np.dtype(np.int16), 64), 'mri': (np.dtype(np.float16), 3),
-              'xray': (np.dtype(np.uint8), 1)}
+# Per modality: (image dtype, channel count), from aacp_jax.modalities (MODALITIES re-exported).
+IMAGE_SPEC = {m: (RAW_DTYPES[m], IN_CHANNELS[m]) for m in MODALITIES}
 _STR_KEYS = ('modality', 'region', 'source', 'subject')
 REQUIRED_KEYS = ('image', 'spacing', 'landmarks', 'landmark_visible', 'landmarks_canonical',
                  'organs') + _STR_KEYS

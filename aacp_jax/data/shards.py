@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from aacp_jax import version
 from aacp_jax.data import records as rec
+from aacp_jax.errors import one_line
 
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
@@ -37,21 +39,12 @@ class ShardError(RuntimeError):
   """A shard or manifest that is missing, truncated or corrupt; the message is one line."""
 
 
-def _code_version() -> str:
-  import aacp_jax  # pylint: disable=g-import-not-at-top  # avoid an import cycle at module load.
-  return getattr(aacp_jax, '__version__', None) or '0.1.0'
-
-
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       h.update(block)
   return h.hexdigest()
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split())[:300] or type(e).__name__
 
 
 def shard_name(modality: str, index: int, count: int) -> str:
@@ -179,7 +172,7 @@ def write_manifest(root: str, split: str, modalities: Mapping[str, dict], *, see
   manifest_path = os.path.join(root, split, MANIFEST)
   manifest = {
       'format_version': FORMAT_VERSION, 'record_version': rec.VERSION, 'split': split,
-      'seed': seed, 'code_version': code_version or _code_version(),
+      'seed': seed, 'code_version': code_version or version.code_version(),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'label_names': dict(label_names) if label_names else None,
       'meta': dict(meta) if meta else None, 'modalities': dict(modalities)}
@@ -215,7 +208,7 @@ def read_manifest(root: str, split: str) -> dict:
   except FileNotFoundError:
     raise ShardError(f'{path}: manifest missing (split not written or incomplete)') from None
   except (OSError, ValueError) as e:
-    raise ShardError(f'{path}: unreadable manifest ({_one_line(e)})') from None
+    raise ShardError(f'{path}: unreadable manifest ({one_line(e)})') from None
   if manifest.get('format_version') != FORMAT_VERSION:
     raise ShardError(f'{path}: format_version {manifest.get("format_version")}, expected '
                      f'{FORMAT_VERSION}')
@@ -271,7 +264,7 @@ class ShardSource:
             reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
             n = reader.num_records()
           except Exception as e:  # pylint: disable=broad-except  # native errors have no common type.
-            raise ShardError(f'{path}: unreadable array_record ({_one_line(e)})') from None
+            raise ShardError(f'{path}: unreadable array_record ({one_line(e)})') from None
           if n != self._counts[s]:
             raise ShardError(f'{path}: {n} records, manifest says {self._counts[s]}')
           self._readers[s] = reader
@@ -289,7 +282,7 @@ class ShardSource:
     except ShardError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise ShardError(f'shard {name} record {pos}: read failed ({_one_line(e)})') from None
+      raise ShardError(f'shard {name} record {pos}: read failed ({one_line(e)})') from None
     try:
       return rec.decode(data, where=f'shard {name} record {pos}')
     except rec.RecordError as e:

@@ -9,7 +9,7 @@ import optax
 from aacp_jax.data import pipeline
 from aacp_jax.eval import embed as embed_lib
 from aacp_jax.eval import metrics
-from aacp_jax.modalities import IN_CHANNELS
+from aacp_jax.models import inputs
 
 
 @functools.partial(jax.jit, static_argnames=('steps',))
@@ -108,9 +108,8 @@ def evaluate_pretrained(config, model, state, root) -> dict:
   """Per modality: probe the pretrained encoder and, beside it, the same encoder at init."""
   # Embedding runs on the default device: probe sets are small.
   image_size = config.data.image_size
-  init_vars = model.init(jax.random.key(config.seed), {
-      m: jnp.zeros((2, image_size, image_size, IN_CHANNELS[m])) for m in config.modalities
-  }, train=False)
+  init_vars = model.init(jax.random.key(config.seed),
+                         inputs.dummy_inputs(config.modalities, image_size), train=False)
   trained_vars = jax.device_get(state.variables)
   results = {}
   for m in config.modalities:

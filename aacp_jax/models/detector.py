@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aacp_jax.models.encoders import DTYPES
+from aacp_jax import precision
 from aacp_jax.models.heads import spatial_soft_argmax
+from aacp_jax.models.layers import batch_norm, compute_dtype, param_dtype
 
 
 class _ConvBN(nn.Module):
@@ -24,9 +25,8 @@ class _ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False)(x)
+                    dtype=self.dtype, param_dtype=param_dtype(self.dtype))(x)
+        x = batch_norm(train, self.dtype)(x)
         return nn.relu(x)
 
 
@@ -71,18 +71,20 @@ class HeatmapNet(nn.Module):
             if i < self.levels:
                 skips.append(x)
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        visible_logit = nn.Dense(self.num_landmarks, name="visible")(pooled)
+        pooled = jnp.mean(precision.upcast(x), axis=(1, 2))
+        visible_logit = nn.Dense(self.num_landmarks, param_dtype=param_dtype(self.dtype),
+                                 name="visible")(pooled)
         for i in reversed(range(self.output_level, self.levels)):
             b, h, w, c = x.shape
             # Nearest-neighbour 2x upsampling, then the skip: cheap and exact in shape.
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = jnp.concatenate([x, skips[i]], axis=-1)
             x = _ConvBN(self.width * 2 ** i, self.dtype, name=f"up{i}")(x, train)
-        heatmaps = nn.Conv(self.num_landmarks, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                           name="heatmap")(x).astype(jnp.float32)
+        heatmaps = precision.upcast(nn.Conv(
+            self.num_landmarks, (1, 1), dtype=self.dtype, param_dtype=param_dtype(self.dtype),
+            name="heatmap")(x))
         return {"heatmaps": heatmaps, "landmarks": spatial_soft_argmax(heatmaps),
-                "visible_logit": visible_logit.astype(jnp.float32)}
+                "visible_logit": precision.upcast(visible_logit)}
 
 
 class LandmarkDetector(nn.Module):
@@ -112,11 +114,9 @@ class LandmarkDetector(nn.Module):
 
 
 def build_detector(model_cfg, modalities, num_landmarks: int) -> LandmarkDetector:
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: expected one of {sorted(DTYPES)}")
     return LandmarkDetector(tuple(modalities), num_landmarks, width=int(model_cfg.width),
                             levels=int(model_cfg.levels), output_level=int(model_cfg.output_level),
-                            dtype=DTYPES[model_cfg.dtype])
+                            dtype=compute_dtype(model_cfg.dtype))
 
 
 def heatmap_targets(landmarks: jax.Array, height: int, width: int, sigma: float) -> jax.Array:
@@ -125,8 +125,9 @@ def heatmap_targets(landmarks: jax.Array, height: int, width: int, sigma: float)
     p(i, j) ∝ exp(-((y_i - y)² + (x_j - x)²) / (2 σ²)) at pixel centres y_i = (i + 0.5) / height,
     with σ in output pixels; the target distribution of the heatmap cross-entropy.
     """
-    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
-    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+    landmarks = precision.upcast(landmarks)
+    ys = (jnp.arange(height, dtype=landmarks.dtype) + 0.5) / height
+    xs = (jnp.arange(width, dtype=landmarks.dtype) + 0.5) / width
     dy = (ys[None, :, None] - landmarks[:, None, :, 0]) * height  # (B, H, K) in output pixels
     dx = (xs[None, :, None] - landmarks[:, None, :, 1]) * width  # (B, W, K)
     logits = -(dy[:, :, None, :] ** 2 + dx[:, None, :, :] ** 2) / (2.0 * sigma ** 2)

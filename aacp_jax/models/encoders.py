@@ -9,13 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aacp_jax.data.landmarks import LANDMARKS
 from aacp_jax.models.fpn import FPN, LevelHeads
 from aacp_jax.models.heads import LandmarkHead, Projector
-from aacp_jax.models.resnet import DEPTHS, ResNet
+from aacp_jax.models.layers import DTYPES, compute_dtype  # noqa: F401  (DTYPES re-exported)
+from aacp_jax.models.resnet import ResNet, check_depth
 from aacp_jax.models.roi import ROIAttention, attention_pool, resize_map
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class AACPModel(nn.Module):
@@ -25,13 +23,15 @@ class AACPModel(nn.Module):
       modalities: e.g. ('ct', 'mri', 'xray'); each gets its own backbone.
       depth, width: ResNet depth and base width (64 = torchvision).
       projector: projector layer widths; the last one is the embedding size d.
-      dtype: compute dtype; params, `features` and `z` are float32 regardless.
+      dtype: compute dtype; params, `features` and `z` are float32 regardless (float64 for
+        float64 compute, as every "float32" below).
       in_channels: optional {modality: channels} check (CT 64, MRI 3, X-ray 1); the channel count
         is always taken from the input, so this only turns a silent re-init into an error.
       zero_init_residual: passed to every ResNet.
       landmark_head: add one `LandmarkHead` per modality (`landmarks_<m>`) on the stride-8 stage
         `c3`; the output dicts then also hold 'landmarks' (B_m, K, 2) float32 normalised (y, x).
-      num_landmarks: K, the landmark vocabulary size.
+      num_landmarks: K, the landmark vocabulary size (`aacp_jax.data.landmarks.LANDMARKS`, which
+        the caller passes: models do not depend on the data package); needed by landmark_head.
       fpn: add a feature pyramid per modality (`fpn_<m>`, levels p2..p5 at strides 4..32 with
         `fpn_channels`) and per-level projections (`levels_<m>`, GAP + `level_projector` MLP);
         the output dicts then hold 'levels' {'p2'..'p5': (B_m, level_projector[-1]) unit norm}.
@@ -54,7 +54,7 @@ class AACPModel(nn.Module):
     in_channels: Mapping[str, int] | None = None
     zero_init_residual: bool = False
     landmark_head: bool = False
-    num_landmarks: int = len(LANDMARKS)
+    num_landmarks: int | None = None
     fpn: bool = False
     fpn_channels: Sequence[int] = (64, 128, 256, 512)
     level_projector: Sequence[int] = (256, 128)
@@ -73,6 +73,9 @@ class AACPModel(nn.Module):
                 depth=self.depth, width=self.width, num_classes=None, in_channels=channels,
                 dtype=self.dtype, zero_init_residual=self.zero_init_residual))
             if self.landmark_head:
+                if not self.num_landmarks:
+                    raise ValueError("landmark_head needs num_landmarks (the landmark vocabulary "
+                                     "size, len(aacp_jax.data.landmarks.LANDMARKS))")
                 setattr(self, f"landmarks_{m}", LandmarkHead(
                     num_landmarks=self.num_landmarks, dtype=self.dtype))
             if self.fpn:
@@ -161,31 +164,34 @@ class AACPModel(nn.Module):
         return ResNet(depth=self.depth, width=self.width).num_features
 
 
-def build_model(config: Mapping[str, Any], modalities=None) -> AACPModel:
+def build_model(config: Mapping[str, Any], modalities=None,
+                num_landmarks: int | None = None) -> AACPModel:
     """AACPModel from a config block (dict or ConfigDict) with keys depth, width, projector,
-    dtype ('float32' | 'bfloat16'), modalities; optional in_channels, zero_init_residual,
-    landmark_head, fpn, fpn_channels, level_projector, roi_attention, roi_features (heads off by
-    default).
-    `modalities` (the experiment's enabled set) overrides the block's own key."""
+    dtype ('float32' | 'bfloat16' | 'float64'), modalities; optional in_channels,
+    zero_init_residual, landmark_head, fpn, fpn_channels, level_projector, roi_attention,
+    roi_features (heads off by default).
+    `modalities` (the experiment's enabled set) overrides the block's own key. `num_landmarks`
+    (len(aacp_jax.data.landmarks.LANDMARKS)) is required when landmark_head is on."""
     def get(key, default=None):
         return config[key] if key in config else default
 
-    dtype = get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    depth = int(get("depth", 50))
-    if depth not in DEPTHS:
-        raise ValueError(f"model.depth must be one of {sorted(DEPTHS)}, got {depth}")
+    dtype = compute_dtype(get("dtype", "float32"))
+    depth = check_depth(int(get("depth", 50)), "model.depth")
+    landmark_head = bool(get("landmark_head", False))
+    if landmark_head and not num_landmarks:
+        raise ValueError("model.landmark_head=True: build_model needs num_landmarks "
+                         "(len(aacp_jax.data.landmarks.LANDMARKS))")
     in_channels = get("in_channels")
     return AACPModel(
         modalities=tuple(modalities or get("modalities", ("ct", "mri", "xray"))),
         depth=depth,
         width=int(get("width", 64)),
         projector=tuple(int(f) for f in get("projector", (2048, 2048, 512))),
-        dtype=DTYPES[dtype],
+        dtype=dtype,
         in_channels=None if in_channels is None else {k: int(v) for k, v in dict(in_channels).items()},
         zero_init_residual=bool(get("zero_init_residual", False)),
-        landmark_head=bool(get("landmark_head", False)),
+        landmark_head=landmark_head,
+        num_landmarks=num_landmarks,
         fpn=bool(get("fpn", False)),
         fpn_channels=tuple(int(c) for c in get("fpn_channels", (64, 128, 256, 512))),
         level_projector=tuple(int(f) for f in get("level_projector", (256, 128))),

@@ -7,7 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacp_jax import precision
 from aacp_jax.models.heads import Projector
+from aacp_jax.models.layers import batch_norm, param_dtype
 
 STAGES = ("c2", "c3", "c4", "c5")
 LEVELS = ("p2", "p3", "p4", "p5")  # strides 4, 8, 16, 32 of the input
@@ -37,8 +39,8 @@ class FPN(nn.Module):
         if len(self.channels) != 4:
             raise ValueError(f"FPN needs 4 level widths, got {tuple(self.channels)}")
         conv = lambda f, k, name: nn.Conv(
-            f, (k, k), padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-            name=name)
+            f, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
+            param_dtype=param_dtype(self.dtype), name=name)
         out, merged = {}, None
         for i in reversed(range(4)):
             lvl = LEVELS[i][1:]
@@ -50,9 +52,7 @@ class FPN(nn.Module):
                 x = x + top
             merged = x
             p = conv(self.channels[i], 3, f"smooth{lvl}")(x)
-            p = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                             name=f"bn{lvl}")(p)
+            p = batch_norm(train, self.dtype, f"bn{lvl}")(p)
             out[LEVELS[i]] = nn.relu(p)
         return {k: out[k] for k in LEVELS}
 
@@ -73,7 +73,7 @@ class LevelHeads(nn.Module):
         out = {}
         for name in LEVELS:
             # Pool in float32 (bf16 means over large maps lose digits), as the ResNet does.
-            pooled = jnp.mean(levels[name].astype(jnp.float32), axis=(1, 2))
+            pooled = jnp.mean(precision.upcast(levels[name]), axis=(1, 2))
             out[name] = Projector(features=tuple(self.features), dtype=self.dtype,
                                   name=f"head_{name}")(pooled, train)
         return out

@@ -1,4 +1,4 @@
-"""Projection and classification heads on top of pooled backbone features."""
+"""The projection head on pooled backbone features, and the landmark head on a stage map."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -7,14 +7,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacp_jax import precision
+from aacp_jax.models.layers import batch_norm, param_dtype
+
 # Floor on the norm in `l2_normalize`: a zero vector maps to zero instead of NaN (and its gradient
 # stays finite), which matters for padded or dead rows in a global batch.
 NORM_EPS = 1e-12
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-    """x / max(||x||, eps) in float32."""
-    x = x.astype(jnp.float32)
+    """x / max(||x||, eps) in float32 (float64 for float64 x)."""
+    x = precision.upcast(x)
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
@@ -38,48 +41,27 @@ class Projector(nn.Module):
             raise ValueError("Projector needs at least one layer width")
         x = x.astype(self.dtype)
         for i, f in enumerate(self.features[:-1]):
-            x = nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                         name=f"dense{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                             name=f"bn{i}")(x)
+            x = nn.Dense(f, use_bias=False, dtype=self.dtype,
+                         param_dtype=param_dtype(self.dtype), name=f"dense{i}")(x)
+            x = batch_norm(train, self.dtype, f"bn{i}")(x)
             x = nn.relu(x)
-        x = nn.Dense(self.features[-1], dtype=self.dtype, param_dtype=jnp.float32,
+        x = nn.Dense(self.features[-1], dtype=self.dtype, param_dtype=param_dtype(self.dtype),
                      name=f"dense{len(self.features) - 1}")(x)
         return l2_normalize(x)
-
-
-class LinearHead(nn.Module):
-    """Linear classifier for probes and fine-tuning; float32 logits.
-
-    Zero-initialised kernel (big_vision `head_zeroinit`): the probe starts at uniform predictions and
-    a linear probe is a convex problem, so no symmetry needs breaking.
-    """
-
-    num_classes: int
-    dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train  # uniform signature with the other modules; the head has no train-time behaviour
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=self.kernel_init, name="fc")(x.astype(self.dtype))
-        return x.astype(jnp.float32)
 
 
 def spatial_soft_argmax(heatmaps: jax.Array) -> jax.Array:
     """(B, H, W, K) logits -> (B, K, 2) float32 expected normalised (y, x) in [0, 1].
 
-    Softmax over the H*W positions of each landmark's map (float32), then the expectation of the
-    pixel-centre coordinates ((i + 0.5) / H, (j + 0.5) / W), matching the records' edge-to-edge
-    normalisation (pixel i of S covers [i/S, (i+1)/S)).
+    Softmax over the H*W positions of each landmark's map (float32; float64 for float64 maps),
+    then the expectation of the pixel-centre coordinates ((i + 0.5) / H, (j + 0.5) / W), matching
+    the records' edge-to-edge normalisation (pixel i of S covers [i/S, (i+1)/S)).
     """
     b, h, w, k = heatmaps.shape
-    logits = heatmaps.astype(jnp.float32).reshape(b, h * w, k)
+    logits = precision.upcast(heatmaps).reshape(b, h * w, k)
     prob = jax.nn.softmax(logits, axis=1).reshape(b, h, w, k)
-    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
-    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    ys = (jnp.arange(h, dtype=logits.dtype) + 0.5) / h
+    xs = (jnp.arange(w, dtype=logits.dtype) + 0.5) / w
     y = jnp.einsum("bhwk,h->bk", prob, ys)
     x = jnp.einsum("bhwk,w->bk", prob, xs)
     return jnp.stack([y, x], axis=-1)
@@ -100,11 +82,9 @@ class LandmarkHead(nn.Module):
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
         x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    param_dtype=jnp.float32, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                         name="bn")(x)
+                    param_dtype=param_dtype(self.dtype), name="conv")(x)
+        x = batch_norm(train, self.dtype, "bn")(x)
         x = nn.relu(x)
-        x = nn.Conv(self.num_landmarks, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                    name="heatmap")(x)
+        x = nn.Conv(self.num_landmarks, (1, 1), dtype=self.dtype,
+                    param_dtype=param_dtype(self.dtype), name="heatmap")(x)
         return spatial_soft_argmax(x)

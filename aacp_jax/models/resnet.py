@@ -15,6 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacp_jax import precision
+from aacp_jax.models.layers import batch_norm, param_dtype
+
 # torchvision: nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu") -> N(0, 2 / fan_out),
 # untruncated. Flax's fan_out for an (h, w, in, out) kernel is h * w * out, as in torch.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -30,16 +33,11 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
-def batch_norm(train: bool, zero_scale: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    # Reducing over every non-feature axis of the global (possibly sharded) array gives global-batch
-    # statistics under jit without an axis_name. Note torch updates running_var with the unbiased
-    # batch variance and flax with the biased one; eval-mode outputs are unaffected.
-    # Two-pass variance (not E[x²] - E[x]²): activations with a large mean, e.g. conv1 on a
-    # mostly-bright radiograph, otherwise lose most of their float32 digits to cancellation.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=jnp.float32, use_fast_variance=False,
-                        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                        name=name)
+def check_depth(depth, key: str = "config.model.depth") -> int:
+    """depth as an int, or a one-line error naming `key` when it is not one of DEPTHS."""
+    if depth not in DEPTHS:
+        raise ValueError(f"{key}={depth}: expected one of {sorted(DEPTHS)}")
+    return int(depth)
 
 
 class BasicBlock(nn.Module):
@@ -77,9 +75,9 @@ def _conv_bn(mod: nn.Module, x, train, features, kernel, stride, conv_name, bn_n
     """Conv + BN created inline in `mod` (so params sit at mod/conv_name, mod/bn_name as in torch)."""
     pad = kernel // 2  # torch pads k // 2 on both sides; flax "SAME" would pad asymmetrically at stride 2
     x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                use_bias=False, kernel_init=conv_init, dtype=mod.dtype, param_dtype=jnp.float32,
-                name=conv_name)(x)
-    return batch_norm(train, zero, mod.dtype, bn_name)(x)
+                use_bias=False, kernel_init=conv_init, dtype=mod.dtype,
+                param_dtype=param_dtype(mod.dtype), name=conv_name)(x)
+    return batch_norm(train, mod.dtype, bn_name, zero_scale=zero)(x)
 
 
 def _shortcut(mod: nn.Module, x, train, out_features):
@@ -96,11 +94,13 @@ class ResNet(nn.Module):
       width: stem channels (64 = torchvision); every stage scales with it (tests use 8 or 16).
       num_classes: adds a linear `fc` head on `pooled` (torchvision init) when set.
       in_channels: optional check only; the channel count is always taken from the input.
-      dtype: compute dtype (float32 or bfloat16). Params are float32; `pooled`/`logits` float32.
+      dtype: compute dtype (float32, bfloat16 or float64). Params, `pooled` and `logits` are
+        float32 (float64 for float64 compute).
       zero_init_residual: zero the last BN scale of every block (torchvision option, default off).
 
     `__call__(x, train)` -> {'c2','c3','c4','c5': stage maps at strides 4/8/16/32 (dtype),
-    'pooled': (B, F) float32 global average of c5, 'logits': (B, num_classes) float32 if set}.
+    'pooled': (B, F) float32 global average of c5, 'logits': (B, num_classes) float32 if set}
+    (float64 instead of float32 for float64 compute).
     """
 
     depth: int = 50
@@ -112,8 +112,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        if self.depth not in DEPTHS:
-            raise ValueError(f"ResNet depth {self.depth} not in {sorted(DEPTHS)}")
+        check_depth(self.depth, "ResNet depth")
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC input, got shape {x.shape}")
         if self.in_channels is not None and x.shape[-1] != self.in_channels:
@@ -123,8 +122,9 @@ class ResNet(nn.Module):
 
         x = x.astype(self.dtype)
         x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(x)
-        x = nn.relu(batch_norm(train, False, self.dtype, "bn1")(x))
+                    kernel_init=conv_init, dtype=self.dtype, param_dtype=param_dtype(self.dtype),
+                    name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
         # flax pads max_pool with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
@@ -137,16 +137,17 @@ class ResNet(nn.Module):
             out[f"c{stage + 2}"] = x
 
         # Pool in float32: the mean over up to 49 x 2048 bf16 values loses precision otherwise.
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pooled = jnp.mean(precision.upcast(x), axis=(1, 2))
         out["pooled"] = pooled
         if self.num_classes is not None:
             # torch.nn.Linear's default init: U(+-1/sqrt(fan_in)) for weight and bias, so a fresh
             # head matches torchvision's statistics, not only its shapes.
             bound = 1.0 / pooled.shape[-1] ** 0.5
             out["logits"] = nn.Dense(
-                self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="fc",
+                self.num_classes, dtype=pooled.dtype, param_dtype=param_dtype(self.dtype),
+                name="fc",
                 kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                bias_init=lambda k, shape, dtype=jnp.float32: jax.random.uniform(
+                bias_init=lambda k, shape, dtype: jax.random.uniform(
                     k, shape, dtype, -bound, bound))(pooled)
         return out
 

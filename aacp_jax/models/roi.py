@@ -7,6 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aacp_jax import precision
+from aacp_jax.models.layers import batch_norm, param_dtype
+
 # Floor on the attention mass: a map that is ~0 everywhere still pools to a finite vector.
 MASS_EPS = 1e-6
 
@@ -16,7 +19,7 @@ class ROIAttention(nn.Module):
 
     Sigmoid (not a softmax over positions) so each location gets an independent "clinically
     relevant" score, as the paper's segmentation-style description; the pooling normalises.
-    The map is float32 whatever the compute dtype.
+    The map is float32 whatever the compute dtype (float64 for float64 compute).
     """
 
     features: int = 64
@@ -25,19 +28,17 @@ class ROIAttention(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    param_dtype=jnp.float32, name="conv")(x.astype(self.dtype))
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                         name="bn")(x)
-        x = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                    param_dtype=param_dtype(self.dtype), name="conv")(x.astype(self.dtype))
+        x = batch_norm(train, self.dtype, "bn")(x)
+        x = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=param_dtype(self.dtype),
                     name="score")(nn.relu(x))
-        return jax.nn.sigmoid(x[..., 0].astype(jnp.float32))
+        return jax.nn.sigmoid(precision.upcast(x[..., 0]))
 
 
 def resize_map(attention: jax.Array, height: int, width: int) -> jax.Array:
     """(B, h, w) -> (B, height, width) by bilinear resampling (antialiased when shrinking)."""
     b = attention.shape[0]
-    return jax.image.resize(attention.astype(jnp.float32), (b, height, width), method="linear")
+    return jax.image.resize(precision.upcast(attention), (b, height, width), method="linear")
 
 
 def attention_pool(feature_map: jax.Array, attention: jax.Array) -> jax.Array:
@@ -51,8 +52,8 @@ def attention_pool(feature_map: jax.Array, attention: jax.Array) -> jax.Array:
     starts (sigmoid of small scores ~ 0.5 everywhere).
     """
     _, h, w, _ = feature_map.shape
-    a = _to_grid(attention.astype(jnp.float32), h, w)
-    f = jnp.einsum("bhw,bhwc->bc", a, feature_map.astype(jnp.float32))
+    a = _to_grid(precision.upcast(attention), h, w)
+    f = jnp.einsum("bhw,bhwc->bc", a, precision.upcast(feature_map))
     return f / (jnp.sum(a, axis=(1, 2))[:, None] + MASS_EPS)
 
 

@@ -9,6 +9,7 @@ from data_prep.ops.dicom import (DicomHeader, SITK_SYNTAXES, check_transfer_synt
 from data_prep.ops.volume import (CANONICAL, HU_RANGE, Grid, Slab, canonical_grid, check_finite,
                                   ct_slabs, read_dicom_series, read_volume, resample, slab_starts,
                                   to_canonical, to_hu)
+from data_prep.ops.volume import align_to
 from data_prep.ops.mri import (brain_to_mni, instance_normalise, mni_template, n4, nib_to_sitk, register,
                                skull_strip, stack_sequences, warp)
 from data_prep.ops.xray import (clahe, pad_square, prepare_xray, read_dicom_xray, read_image_file,

@@ -81,10 +81,22 @@ def _floats(value, n):
   return out if len(out) == n else None
 
 
-def read_header(path: str) -> DicomHeader:
-  """The header of one DICOM file; PrepError ``missing_file`` / ``corrupt`` / ``truncated`` otherwise."""
+def check_regular_file(path: str) -> None:
+  """PrepError ``not_a_file`` for a directory (or device) named like a file, ``missing_file`` for
+  nothing there, ``empty`` for 0 bytes: three different fixes, so three different kinds."""
+  if os.path.exists(path) and not os.path.isfile(path):
+    what = 'a directory' if os.path.isdir(path) else 'not a regular file'
+    raise PrepError('not_a_file', f'{path}: {what}, where a file was expected')
   if not os.path.isfile(path):
     raise PrepError('missing_file', f'{path}: no such file')
+  if os.path.getsize(path) == 0:
+    raise PrepError('empty', f'{path}: empty file (0 bytes)')
+
+
+def read_header(path: str) -> DicomHeader:
+  """The header of one DICOM file; PrepError ``missing_file`` / ``not_a_file`` / ``empty`` /
+  ``corrupt`` / ``truncated`` otherwise."""
+  check_regular_file(path)
   try:
     with open(path, 'rb') as fp:
       ds = pydicom.dcmread(fp, specific_tags=list(_TAGS), stop_before_pixels=True)

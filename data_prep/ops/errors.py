@@ -1,10 +1,17 @@
 """The one error type of the preprocessing ops: a kind the runner can count and a one-line reason."""
 from __future__ import annotations
 
+import functools
+
+from aacp_jax import errors
+
 # The runner's reject vocabulary (docs/INTERFACES.md, "Prep runner"), plus 'geometry' for slice
 # positions that do not form one regular grid: a reject list is only useful if its kinds can be counted.
+# 'not_a_file' (a directory or device where a file was named), 'decompression_bomb' (an image
+# whose header declares more pixels than any radiograph has) and 'unstripped' (a head where a
+# skull-stripped brain was promised) say what happened where a catch-all kind would mislead.
 KINDS = ('corrupt', 'truncated', 'empty', 'unsupported', 'dimensions', 'nan', 'missing_file',
-         'geometry')
+         'geometry', 'not_a_file', 'decompression_bomb', 'unstripped')
 
 
 class PrepError(ValueError):
@@ -24,10 +31,6 @@ class PrepError(ValueError):
     return type(self), (self.kind, self.reason)
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-  """``Type: message`` of a library exception squeezed to one line (ITK messages carry file paths and C++ frames)."""
-  text = ' '.join(str(e).split())
-  # ITK prefixes long source locations; the useful part is at the end.
-  if len(text) > limit:
-    text = '...' + text[-limit:]
-  return f'{type(e).__name__}: {text}'
+# ``Type: message`` of a library exception on one line: ITK prefixes long source locations and
+# C++ frames, so the useful part is at the end; the type disambiguates terse library messages.
+one_line = functools.partial(errors.one_line, keep='tail', with_type=True)

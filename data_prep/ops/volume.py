@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from data_prep.ops.dicom import DicomHeader, check_transfer_syntax
+from data_prep.ops.dicom import DicomHeader, check_regular_file, check_transfer_syntax
 from data_prep.ops.errors import PrepError, one_line
 
 CANONICAL = 'LPI'
@@ -55,6 +55,9 @@ def _check_complete(path: str) -> None:
         header.get_data_dtype().itemsize
     if have < need:
       raise PrepError('truncated', f'{path}: {have} bytes, the header needs {need}')
+    # nibabel "fixes" pixdim 0 to 1 as it loads, which is the very thing to catch: reread it raw.
+    with nib.openers.ImageOpener(path) as f:
+      _check_nifti_geometry(type(header).from_fileobj(f, check=False), path)
     if header.get_data_dtype().kind == 'f':
       # ITK's NIfTI reader turns NaN into 0 without a word, so look before it does.
       data = np.asarray(nib.load(path).dataobj)
@@ -84,6 +87,19 @@ def _check_complete(path: str) -> None:
       raise PrepError('truncated', f'{raw}: {os.path.getsize(raw)} bytes, the header needs {need}')
 
 
+def _check_nifti_geometry(header, path: str) -> None:
+  """PrepError ``geometry`` when a NIfTI header gives no voxel size: ITK then reads 1 mm isotropic
+  without a word, and every millimetre downstream (slabs, MNI, spacing) would be made up."""
+  sform = int(header['sform_code']) > 0 and \
+      (np.linalg.norm(header.get_sform()[:3, :3], axis=0) > 0).all()
+  spatial = min(3, len(header.get_data_shape()))
+  pixdim = np.asarray(header['pixdim'][1:1 + spatial], np.float64)
+  if not sform and not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+    raise PrepError('geometry', f'{path}: no voxel size (pixdim {pixdim.tolist()}, qform_code '
+                    f'{int(header["qform_code"])}, sform_code {int(header["sform_code"])}); '
+                    'restore the header from the source data rather than assume 1 mm')
+
+
 def check_finite(image: sitk.Image, where: str) -> None:
   """PrepError ``nan`` if a float volume holds NaN or infinity (a failed reconstruction or export)."""
   if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
@@ -93,9 +109,9 @@ def check_finite(image: sitk.Image, where: str) -> None:
 
 
 def read_volume(path: str, *, ndim: int = 3) -> sitk.Image:
-  """A scalar ``ndim``-D volume from .mhd/.mha/.nii/.nii.gz/.nrrd, checked for truncation and NaN."""
-  if not os.path.isfile(path):
-    raise PrepError('missing_file', f'{path}: no such file')
+  """A scalar ``ndim``-D volume from .mhd/.mha/.nii/.nii.gz/.nrrd, checked for truncation, NaN and
+  (NIfTI) a header that gives the voxel size."""
+  check_regular_file(path)
   _check_complete(path)
   try:
     image = sitk.ReadImage(path)
@@ -271,6 +287,51 @@ def _same_space(a: sitk.Image, b: sitk.Image) -> bool:
     if np.abs(pa - pb).max() > half:
       return False
   return True
+
+
+def align_to(image: sitk.Image, reference: sitk.Image, where: str = 'image') -> sitk.Image:
+  """``image`` (a segmentation, or a sequence co-registered with ``reference``) on ``reference``'s
+  voxel grid, or PrepError ``geometry``.
+
+  * Same size and every corner voxel within half a voxel of the reference's: the reference's header
+    is copied (exporters round spacing and origin; the voxels are the same ones).
+  * The same voxel lattice stored in another orientation or axis order (a mask re-saved RAS instead
+    of LPS, or with its origin at the other corner): resampled by nearest neighbour, which then only
+    permutes voxels, so labels are neither blended nor moved.
+  * Anything else (an origin shift, another spacing or tilt): rejected. Copying the header would
+    misplace the mask by the difference, and interpolating a label map drawn on other voxels would
+    blur its boundaries; which of the two headers is wrong cannot be told from the files.
+  """
+  if _same_space(reference, image):
+    out = sitk.Image(image)
+    out.CopyInformation(reference)
+    return out
+
+  def to_index(img):  # physical point -> continuous index, as a matrix and an offset
+    m = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    return np.linalg.inv(m), np.asarray(img.GetOrigin())
+
+  inv, origin = to_index(image)
+  ref = np.asarray(reference.GetDirection()).reshape(3, 3) * np.asarray(reference.GetSpacing())
+  a = inv @ ref
+  b = inv @ (np.asarray(reference.GetOrigin()) - origin)
+  perm = np.rint(a)
+  ok = np.allclose(a, perm, atol=1e-3) and (np.abs(perm).sum(0) == 1).all() and \
+      (np.abs(perm).sum(1) == 1).all()
+  if ok:
+    corners = np.array([[c * (n - 1) for c, n in zip(corner, reference.GetSize())]
+                        for corner in np.ndindex(2, 2, 2)], np.float64)
+    mapped = corners @ a.T + b
+    nearest = np.rint(mapped)
+    ok = np.abs(mapped - nearest).max() < 0.5 and (nearest >= 0).all() and \
+        (nearest <= np.asarray(image.GetSize()) - 1).all()
+  if not ok:
+    shift = np.abs(np.asarray(image.GetOrigin()) - np.asarray(reference.GetOrigin())).max()
+    raise PrepError('geometry', f'{where}: its voxel grid is not the volume\'s (origins '
+                    f'{shift:.1f} mm apart, or another spacing/orientation); refusing to copy the '
+                    'header or interpolate labels')
+  return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                       image.GetPixelID())
 
 
 def ct_slabs(image: sitk.Image, *, mask: sitk.Image | None = None, spacing=1.0, slab: int = 64,

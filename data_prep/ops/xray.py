@@ -9,13 +9,15 @@ histogram.
 from __future__ import annotations
 
 import os
+import warnings
+import zlib
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from skimage import exposure, transform
 
-from data_prep.ops.dicom import check_transfer_syntax, read_header
+from data_prep.ops.dicom import check_regular_file, check_transfer_syntax, read_header
 from data_prep.ops.errors import PrepError, one_line
 
 _PIXEL_TAGS = ('PixelData', 'Rows', 'Columns', 'SamplesPerPixel', 'PhotometricInterpretation',
@@ -58,17 +60,89 @@ def read_dicom_xray(path: str, *, voi: bool = True) -> tuple[np.ndarray, np.ndar
   return values, spacing
 
 
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_shortfall(path: str) -> tuple[int, int] | None:
+  """(bytes decoded, bytes the header needs) when a PNG's IDAT stream ends before filling the image.
+
+  PIL decodes such a file without a word and leaves the missing rows 0 (a black band that looks
+  like collimation), so the decompressed size is checked against IHDR here. None when complete or
+  not a PNG; a damaged stream is left to PIL's own errors.
+  """
+  with open(path, 'rb') as f:
+    if f.read(8) != _PNG_SIGNATURE:
+      return None
+    inflate, have, need = zlib.decompressobj(), 0, None
+    while True:
+      head = f.read(8)
+      if len(head) < 8:
+        break
+      length, kind = int.from_bytes(head[:4], 'big'), head[4:]
+      data = f.read(length)
+      f.seek(4, 1)  # CRC
+      if kind == b'IHDR' and len(data) >= 13:
+        width, height = int.from_bytes(data[:4], 'big'), int.from_bytes(data[4:8], 'big')
+        depth, colour, interlace = data[8], data[9], data[12]
+        bits = depth * _PNG_CHANNELS.get(colour, 1)
+        # Adam7 passes: (first row, row step, first column, column step).
+        passes = ([(0, 8, 0, 8), (0, 8, 4, 8), (4, 8, 0, 4), (0, 4, 2, 4), (2, 4, 0, 2),
+                   (0, 2, 1, 2), (1, 2, 0, 1)] if interlace else [(0, 1, 0, 1)])
+        need = 0
+        for r0, dr, c0, dc in passes:
+          rows, cols = max(0, -(-(height - r0) // dr)), max(0, -(-(width - c0) // dc))
+          if rows and cols:
+            need += rows * (1 + -(-(cols * bits) // 8))
+      elif kind == b'IDAT':
+        try:
+          # Bounded output per call: a bomb must not be inflated whole just to be measured.
+          chunk = inflate.decompress(data, 1 << 24)
+          while chunk:
+            have += len(chunk)
+            chunk = inflate.decompress(inflate.unconsumed_tail, 1 << 24)
+        except zlib.error:
+          return None
+      elif kind == b'IEND':
+        break
+  if need is None or have >= need:
+    return None
+  return have, need
+
+
 def read_image_file(path: str) -> np.ndarray:
-  """A PNG/JPG/... as a greyscale (H, W) array: uint8 for 8-bit files, uint16/int32 for deeper ones."""
-  if not os.path.isfile(path):
-    raise PrepError('missing_file', f'{path}: no such file')
+  """A PNG/JPG/TIFF/... as a greyscale (H, W) array, turned as its EXIF Orientation says: uint8 for
+  8-bit files, uint16/int32 for deeper ones, float32 for float TIFFs."""
+  check_regular_file(path)
+  with open(path, 'rb') as f:
+    head = f.read(132)
+  if head[128:132] == b'DICM':
+    # PIL cannot read it, and 'corrupt' would send the user to re-download a file that is fine.
+    raise PrepError('unsupported', f'{path}: a DICOM file, not PNG/JPG; convert DICOM radiographs '
+                    'with python -m data_prep.dicom_xray')
   try:
-    with Image.open(path) as img:
-      img.load()
-      if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        array = np.array(img)
-      else:
-        array = np.array(img.convert('L'))
+    with warnings.catch_warnings():
+      # PIL only warns between MAX_IMAGE_PIXELS and twice that; either way it is no radiograph.
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        # Before decoding: PIL's own error for a short stream, where it has one, says less.
+        shortfall = _png_shortfall(path) if img.format == 'PNG' else None
+        if shortfall:
+          raise PrepError('truncated', f'{path}: PNG data fills {shortfall[0]} of the '
+                          f'{shortfall[1]} bytes its header declares (the rest would decode black)')
+        img.load()
+        # Cameras and some exporters store the sensor's orientation plus an EXIF tag saying how to
+        # turn it; ignoring the tag would store the radiograph rotated.
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+          array = np.array(img)
+        elif img.mode == 'F':
+          # Float TIFFs (often 0..1): convert('L') would truncate them to 0 and 1.
+          array = np.array(img, np.float32)
+        else:
+          array = np.array(img.convert('L'))
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise PrepError('decompression_bomb', f'{path}: {one_line(e)}') from None
   except UnidentifiedImageError:
     raise PrepError('corrupt', f'{path}: not an image PIL can identify') from None
   except OSError as e:
@@ -76,6 +150,8 @@ def read_image_file(path: str) -> np.ndarray:
     raise PrepError(kind, f'{path}: {one_line(e)}') from None
   if array.ndim != 2 or min(array.shape) < 2:
     raise PrepError('dimensions', f'{path}: image of shape {array.shape}')
+  if array.dtype.kind == 'f' and not np.isfinite(array).all():
+    raise PrepError('nan', f'{path}: {int((~np.isfinite(array)).sum())} NaN/inf pixels')
   return array
 
 
@@ -84,6 +160,9 @@ def to_uint8(x: np.ndarray, *, percentiles=(0.5, 99.5)) -> np.ndarray:
   (robust to a few hot pixels and collimator edges that a min/max stretch would follow)."""
   x = np.asarray(x)
   if x.dtype == np.uint8:
+    if x.size and x.min() == x.max():
+      # CLAHE would stretch a constant image to all-white: a blank export, not a radiograph.
+      raise PrepError('empty', f'to_uint8: constant image (every pixel {int(x.flat[0])})')
     return x.copy()
   x = x.astype(np.float32)
   if not np.isfinite(x).all():
