@@ -18,12 +18,12 @@ library never imports data_prep.
 
 Speed targets live here, never in timed tests.
 """
+
 import copy
 import functools
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import types
@@ -31,20 +31,25 @@ import types
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from aacp_jax import sharding
 from aacp_jax.modalities import IN_CHANNELS, RAW_DTYPES
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config file[:variants].',
-                                lock_config=False)
+config_flags.DEFINE_config_file(
+  'config', 'configs/pretrain.py', 'Config file[:variants].', lock_config=False
+)
 flags.DEFINE_integer('steps', 10, 'Timed iterations after warm-up.')
 flags.DEFINE_integer('warmup', 2, 'Untimed iterations after compilation.')
 flags.DEFINE_string('workdir', None, 'Where `input` builds phantoms (default: a temp dir).')
-flags.DEFINE_list('variants', ['full', 'minimal'],
-                  '`step`: configs/pretrain.py variants applied on top of --config, timed in turn.')
+flags.DEFINE_list(
+  'variants',
+  ['full', 'minimal'],
+  '`step`: configs/pretrain.py variants applied on top of --config, timed in turn.',
+)
+
 
 def _emit(**row):
   row.setdefault('backend', jax.default_backend())
@@ -64,6 +69,7 @@ def peak_memory_bytes():
 def random_batch(config, batches, seed=0):
   """Raw-valued host batch of the configured shapes, as the input pipeline would deliver it."""
   from aacp_jax.data import landmarks as lm
+
   rng = np.random.default_rng(seed)
   s = config.data.image_size
   out = {}
@@ -71,11 +77,11 @@ def random_batch(config, batches, seed=0):
     image = rng.normal(0, 100, (b, s, s, IN_CHANNELS[m])).astype(RAW_DTYPES[m])
     k = len(lm.LANDMARKS)
     out[m] = {
-        'image': image,
-        'landmarks': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
-        'landmark_visible': rng.uniform(size=(b, k)) < 0.7,
-        'landmarks_canonical': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
-        'organs': (rng.uniform(size=(b, len(lm.ORGANS))) < 0.5).astype(np.uint8),
+      'image': image,
+      'landmarks': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
+      'landmark_visible': rng.uniform(size=(b, k)) < 0.7,
+      'landmarks_canonical': rng.uniform(0.2, 0.8, (b, k, 2)).astype(np.float32),
+      'organs': (rng.uniform(size=(b, len(lm.ORGANS))) < 0.5).astype(np.uint8),
     }
   return out
 
@@ -90,27 +96,42 @@ def _setup(config):
   pretrain.check_config(config)
   method = methods.get(config.method)
   mesh = sharding.make_mesh()
-  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
-                                        mesh.size, jax.process_count())
+  batches = sharding.per_modality_batch(
+    config.batch_size, config.data.shares, config.modalities, mesh.size, jax.process_count()
+  )
   model = method.build_model(config)
   tx, schedule = state_lib.make_optimizer(config.optim, 1000)
   state, shardings = state_lib.create_state(
-      model, tx, mesh, inputs.dummy_inputs(config.modalities, config.data.image_size),
-      config.seed)
+    model, tx, mesh, inputs.dummy_inputs(config.modalities, config.data.image_size), config.seed
+  )
   batch = sharding.to_global(random_batch(config, batches), mesh)
-  return types.SimpleNamespace(mesh=mesh, model=model, tx=tx, schedule=schedule, state=state,
-                               shardings=shardings, batch=batch, method=method)
+  return types.SimpleNamespace(
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    state=state,
+    shardings=shardings,
+    batch=batch,
+    method=method,
+  )
 
 
 def _config_fields(config):
-  return dict(variant=config.get('variant', ''), image_size=config.data.image_size,
-              depth=config.model.depth, dtype=config.model.dtype, batch_size=config.batch_size)
+  return dict(
+    variant=config.get('variant', ''),
+    image_size=config.data.image_size,
+    depth=config.model.depth,
+    dtype=config.model.dtype,
+    batch_size=config.batch_size,
+  )
 
 
 def _config_module():
   """The --config file as a module (its VARIANTS), loaded by path: the library imports no
   configs package."""
   import importlib.util
+
   path = config_flags.get_config_filename(FLAGS['config']).split(':')[0]
   spec = importlib.util.spec_from_file_location('_bench_config', path)
   module = importlib.util.module_from_spec(spec)
@@ -122,8 +143,9 @@ def _variant_config(config, variant):
   """--config with one more variant of its config file applied (a copy; --config stays as is)."""
   variants = _config_module().VARIANTS
   if variant not in variants:
-    raise app.UsageError(f'--variants: unknown variant {variant!r}; known: '
-                         f'{", ".join(sorted(variants))}')
+    raise app.UsageError(
+      f'--variants: unknown variant {variant!r}; known: {", ".join(sorted(variants))}'
+    )
   c = copy.deepcopy(config)
   variants[variant](c)
   c.variant = ','.join(v for v in (config.get('variant', ''), variant) if v)
@@ -145,20 +167,32 @@ def _compile_variant(config):
     timed.loss.cross_start_epoch = timed.loss.cross_end_epoch = 0.0
   run = RunInfo(steps_per_epoch=1, total_steps=1)
   loss_fn = s.method.make_loss(timed, s.model, run)
-  step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=s.tx, schedule=s.schedule,
-                                   seed=config.seed,
-                                   schedules=s.method.make_schedules(timed, run),
-                                   after_update=s.method.after_update),
-                 in_shardings=(s.shardings, sharding.batch_sharded(s.mesh)),
-                 out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(
+      train_step,
+      loss_fn=loss_fn,
+      tx=s.tx,
+      schedule=s.schedule,
+      seed=config.seed,
+      schedules=s.method.make_schedules(timed, run),
+      after_update=s.method.after_update,
+    ),
+    in_shardings=(s.shardings, sharding.batch_sharded(s.mesh)),
+    out_shardings=(s.shardings, sharding.replicated(s.mesh)),
+    donate_argnums=0,
+  )
   t0 = time.perf_counter()
   s.step = step.lower(s.state, s.batch).compile()
   s.compile_s = time.perf_counter() - t0
   # Inference = every head's output in eval mode, on preprocessed images (no augmentation).
-  s.images = {m: augment.preprocess(s.batch[m]['image'].astype(jnp.float32), m, config.augment)
-              for m in config.modalities}
-  fwd = jax.jit(lambda v, x: s.model.apply(v, x, train=False),
-                in_shardings=(sharding.replicated(s.mesh), sharding.batch_sharded(s.mesh)))
+  s.images = {
+    m: augment.preprocess(s.batch[m]['image'].astype(jnp.float32), m, config.augment)
+    for m in config.modalities
+  }
+  fwd = jax.jit(
+    lambda v, x: s.model.apply(v, x, train=False),
+    in_shardings=(sharding.replicated(s.mesh), sharding.batch_sharded(s.mesh)),
+  )
   s.forward = fwd.lower(s.state.variables, s.images).compile()
   return s
 
@@ -191,15 +225,24 @@ def bench_step(config):
   medians = {v: {k: statistics.median(t) for k, t in ts.items()} for v, ts in times.items()}
   for v, s in runs.items():
     c, med = s.config, medians[v]
-    _emit(bench='step', **_config_fields(c), compile_s=round(s.compile_s, 3),
-          median_step_s=round(med['step'], 5), examples_per_s=round(c.batch_size / med['step'], 2),
-          median_inference_s=round(med['forward'], 5), **peak_memory_bytes())
+    _emit(
+      bench='step',
+      **_config_fields(c),
+      compile_s=round(s.compile_s, 3),
+      median_step_s=round(med['step'], 5),
+      examples_per_s=round(c.batch_size / med['step'], 2),
+      median_inference_s=round(med['forward'], 5),
+      **peak_memory_bytes(),
+    )
   if len(runs) > 1:
     first, last = FLAGS.variants[0], FLAGS.variants[-1]
-    _emit(bench='step_ratio', variants=f'{first}/{last}', **{
-        k: v for k, v in _config_fields(config).items() if k != 'variant'},
-          train_step_ratio=round(medians[first]['step'] / medians[last]['step'], 3),
-          inference_ratio=round(medians[first]['forward'] / medians[last]['forward'], 3))
+    _emit(
+      bench='step_ratio',
+      variants=f'{first}/{last}',
+      **{k: v for k, v in _config_fields(config).items() if k != 'variant'},
+      train_step_ratio=round(medians[first]['step'] / medians[last]['step'], 3),
+      inference_ratio=round(medians[first]['forward'] / medians[last]['forward'], 3),
+    )
 
 
 def _median_time(fn, *args):
@@ -223,21 +266,26 @@ def bench_augment(config):
   data = sharding.batch_sharded(s.mesh)
   repl = sharding.replicated(s.mesh)
   key = jax.random.key(config.seed)
-  augment_fn = jax.jit(functools.partial(make_views, config=config),
-                       in_shardings=(None, data), out_shardings=data)
+  augment_fn = jax.jit(
+    functools.partial(make_views, config=config), in_shardings=(None, data), out_shardings=data
+  )
   grad_fn = jax.jit(
-      jax.value_and_grad(functools.partial(views_loss, model=s.model, config=config),
-                         has_aux=True),
-      in_shardings=(s.shardings.params, s.shardings.batch_stats, data, data),
-      out_shardings=((repl, (s.shardings.batch_stats, repl)), s.shardings.params))
+    jax.value_and_grad(functools.partial(views_loss, model=s.model, config=config), has_aux=True),
+    in_shardings=(s.shardings.params, s.shardings.batch_stats, data, data),
+    out_shardings=((repl, (s.shardings.batch_stats, repl)), s.shardings.params),
+  )
   augment_c = augment_fn.lower(key, s.batch).compile()
   views = augment_c(key, s.batch)
   grad_c = grad_fn.lower(s.state.params, s.state.batch_stats, s.batch, views).compile()
   augment_s = _median_time(augment_c, key, s.batch)
   fwd_bwd_s = _median_time(grad_c, s.state.params, s.state.batch_stats, s.batch, views)
-  _emit(bench='augment', **_config_fields(config),
-        median_augment_s=round(augment_s, 5), median_forward_backward_s=round(fwd_bwd_s, 5),
-        augment_fraction=round(augment_s / (augment_s + fwd_bwd_s), 4))
+  _emit(
+    bench='augment',
+    **_config_fields(config),
+    median_augment_s=round(augment_s, 5),
+    median_forward_backward_s=round(fwd_bwd_s, 5),
+    augment_fraction=round(augment_s / (augment_s + fwd_bwd_s), 4),
+  )
 
 
 def bench_input(config):
@@ -246,21 +294,36 @@ def bench_input(config):
 
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='aacp_bench_')
   root = prepare_data(config, workdir)
-  batches = sharding.per_modality_batch(config.batch_size, config.data.shares, config.modalities,
-                                        jax.device_count(), jax.process_count())
+  batches = sharding.per_modality_batch(
+    config.batch_size,
+    config.data.shares,
+    config.modalities,
+    jax.device_count(),
+    jax.process_count(),
+  )
   for m, b in batches.items():
-    it = pipeline.pretrain_loader(root, config.data.split, {m: b}, seed=config.seed,
-                                  image_size=config.data.image_size,
-                                  worker_count=config.data.worker_count)
+    it = pipeline.pretrain_loader(
+      root,
+      config.data.split,
+      {m: b},
+      seed=config.seed,
+      image_size=config.data.image_size,
+      worker_count=config.data.worker_count,
+    )
     next(it)  # Opening files and the first decode are start-up, not throughput.
     t0 = time.perf_counter()
     for _ in range(FLAGS.steps):
       item = next(it)
     dt = time.perf_counter() - t0
-    _emit(bench='input', modality=m, image_size=config.data.image_size, host_batch=b,
-          records_per_s=round(FLAGS.steps * b / dt, 1),
-          mib_per_s=round(FLAGS.steps * item[m]['image'].nbytes / dt / 2**20, 1),
-          worker_count=config.data.worker_count)
+    _emit(
+      bench='input',
+      modality=m,
+      image_size=config.data.image_size,
+      host_batch=b,
+      records_per_s=round(FLAGS.steps * b / dt, 1),
+      mib_per_s=round(FLAGS.steps * item[m]['image'].nbytes / dt / 2**20, 1),
+      worker_count=config.data.worker_count,
+    )
 
 
 def main(argv):

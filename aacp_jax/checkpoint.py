@@ -4,6 +4,7 @@ Resume is automatic: the latest step under `workdir/checkpoints` wins. The data 
 in the same checkpoint (orbax item 'data', as maxtext does), so a resumed run sees exactly the
 batches it would have seen without the interruption.
 """
+
 import os
 
 import grain
@@ -13,13 +14,12 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        save_interval_steps=max(1, every_steps),
-        enable_async_checkpointing=async_save,
+      max_to_keep=keep,
+      save_interval_steps=max(1, every_steps),
+      enable_async_checkpointing=async_save,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -57,8 +57,12 @@ class Checkpointer:
     item = {k: abstract_variables.get(k, {}) for k in ('params', 'batch_stats')}
     # NumPy arrays on the host: no device placement (and no sharding) to choose.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
+    restored = self._mgr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      ),
+    )
     return restored['state'], step
 
   def close(self):
@@ -69,4 +73,5 @@ class Checkpointer:
 def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )

@@ -7,6 +7,7 @@ An experiment module (`train_module`) defines
 The model builder lives below the training code (methods, models), so that restoring a workdir
 for inference or fine-tuning never imports a training loop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,7 @@ from typing import Any, Callable
 
 from aacp_jax import methods
 from aacp_jax.data import landmarks as landmarks_lib
-from aacp_jax.models import detector
-from aacp_jax.models import inputs
+from aacp_jax.models import detector, inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +41,11 @@ def _detector_model(config):
 
 
 EXPERIMENTS = {
-    e.name: e for e in (
-        Experiment('pretrain', 'aacp_jax.train.pretrain', _pretrain_model),
-        Experiment('landmarks', 'aacp_jax.train.landmarks', _detector_model),
-    )
+  e.name: e
+  for e in (
+    Experiment('pretrain', 'aacp_jax.train.pretrain', _pretrain_model),
+    Experiment('landmarks', 'aacp_jax.train.landmarks', _detector_model),
+  )
 }
 
 

@@ -7,19 +7,21 @@ attention) come from `jax.eval_shape`, so a ResNet-50 is never materialised. FLO
 come from XLA's cost analysis of the compiled eval-mode forward pass of every output (embedding,
 pyramid levels, landmarks, attention map), one modality at a time.
 """
+
 import json
 
 from absl import app, flags
 import jax
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from aacp_jax import methods
 from aacp_jax.models import inputs
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file[:variants].', lock_config=True
+)
 flags.DEFINE_bool('flops', True, 'Also compile each forward pass for XLA FLOPs (slower).')
 
 
@@ -33,8 +35,9 @@ def dummy_inputs(config, batch: int = 1):
 
 def parameter_counts(config) -> dict:
   model = methods.get(config.method).build_model(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
-                                             train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), dummy_inputs(config, 2), train=False)
+  )
   params = shapes['params']
   out = {name: count(sub) for name, sub in params.items()}
   out['total'] = count(params)
@@ -43,8 +46,12 @@ def parameter_counts(config) -> dict:
 
 
 # Component -> submodule name prefixes (a submodule per modality for all but the projector).
-COMPONENTS = {'fpn': ('fpn_', 'levels_'), 'projector': ('projector',),
-              'landmark_head': ('landmarks_',), 'roi_attention': ('roi_',)}
+COMPONENTS = {
+  'fpn': ('fpn_', 'levels_'),
+  'projector': ('projector',),
+  'landmark_head': ('landmarks_',),
+  'roi_attention': ('roi_',),
+}
 
 
 def component_counts(params_counts: dict) -> dict:
@@ -52,15 +59,19 @@ def component_counts(params_counts: dict) -> dict:
   a component that is off counts 0."""
   out = {k: v for k, v in params_counts.items() if k.startswith('encoder_')}
   for name, prefixes in COMPONENTS.items():
-    out[name] = sum(v for k, v in params_counts.items()
-                    if k not in ('total', 'batch_stats') and k.startswith(prefixes))
+    out[name] = sum(
+      v
+      for k, v in params_counts.items()
+      if k not in ('total', 'batch_stats') and k.startswith(prefixes)
+    )
   return out
 
 
 def flops_per_example(config) -> dict:
   model = methods.get(config.method).build_model(config)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_inputs(config, 2),
-                                                train=False))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), dummy_inputs(config, 2), train=False)
+  )
   out = {}
   batch = 8
   for m, x in dummy_inputs(config, batch).items():
@@ -75,9 +86,13 @@ def flops_per_example(config) -> dict:
 def main(argv):
   del argv
   config = FLAGS.config
-  report = {'variant': config.get('variant', ''), 'image_size': config.data.image_size,
-            'depth': config.model.depth, 'width': config.model.width,
-            'params': parameter_counts(config)}
+  report = {
+    'variant': config.get('variant', ''),
+    'image_size': config.data.image_size,
+    'depth': config.model.depth,
+    'width': config.model.width,
+    'params': parameter_counts(config),
+  }
   report['components'] = component_counts(report['params'])
   if FLAGS.flops:
     report['flops_per_example_forward'] = flops_per_example(config)

@@ -3,8 +3,11 @@
 No axis names: under jit with batch-sharded inputs the similarity matrices span the global batch,
 which is what gives global negatives.
 """
+
 import jax
 import jax.numpy as jnp
+
+from aacp_jax import precision
 
 
 def _safe_norm(sq):
@@ -14,9 +17,9 @@ def _safe_norm(sq):
 
 
 def _two_view_logits(z1, z2, temperature):
-  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+  z = jnp.concatenate([z1, z2], axis=0).astype(precision.real())
   n = z.shape[0]
-  logits = z @ z.T / jnp.float32(temperature)
+  logits = z @ z.T / precision.real()(temperature)
   pos = (jnp.arange(n) + n // 2) % n  # row i's other view
   return logits, pos
 
@@ -38,9 +41,9 @@ def info_nce(z1, z2, temperature, neg_weights=None):
   eye = jnp.eye(n, dtype=bool)
   is_pos = jnp.arange(n)[None, :] == pos[:, None]
   if neg_weights is None:
-    log_w = jnp.zeros((n, n), jnp.float32)
+    log_w = jnp.zeros((n, n), precision.real())
   else:
-    w = jnp.asarray(neg_weights, jnp.float32)
+    w = jnp.asarray(neg_weights, precision.real())
     log_w = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
   log_w = jnp.where(is_pos, 0.0, log_w)
   masked = jnp.where(eye, -jnp.inf, logits + log_w)
@@ -60,14 +63,14 @@ def structure_neg_weights(c, visible, gamma, sigma):
   a sample share c, so the matrix is [[W, W], [W, W]]; the positive and self entries are ignored by
   `info_nce`. gamma = 0 gives all ones (plain InfoNCE).
   """
-  c = jnp.asarray(c, jnp.float32)
-  vis = jnp.asarray(visible, jnp.float32)
+  c = jnp.asarray(c, precision.real())
+  vis = jnp.asarray(visible, precision.real())
   diff = c[:, None] - c[None, :]  # (B, B, K, 2)
   dist = _safe_norm(jnp.sum(diff * diff, axis=-1))
   both = vis[:, None] * vis[None, :]
   count = jnp.sum(both, axis=-1)
   d = jnp.sum(dist * both, axis=-1) / jnp.maximum(count, 1.0)
-  w = 1.0 - jnp.float32(gamma) * jnp.exp(-(d * d) / jnp.float32(sigma) ** 2)
+  w = 1.0 - precision.real()(gamma) * jnp.exp(-(d * d) / precision.real()(sigma) ** 2)
   w = jnp.where(count > 0, w, 1.0)
   return jnp.tile(w, (2, 2))
 
@@ -86,9 +89,9 @@ def spatial_consistency(pred_aug, visible_aug, ref, ref_visible, affine_inv):
   Vectors make translations cancel; it is 0 for equivariant predictions pred = A ref + t.
   Per-sample normalisation by |P_b| keeps samples with few visible landmarks from being drowned.
   """
-  pred = jnp.asarray(pred_aug, jnp.float32)
-  ref = jnp.asarray(ref, jnp.float32)
-  a_inv = jnp.asarray(affine_inv, jnp.float32)
+  pred = jnp.asarray(pred_aug, precision.real())
+  ref = jnp.asarray(ref, precision.real())
+  a_inv = jnp.asarray(affine_inv, precision.real())
   vis = jnp.asarray(visible_aug, bool) & jnp.asarray(ref_visible, bool)
   v_pred = pred[:, None, :, :] - pred[:, :, None, :]  # [b, i, j] = p_j - p_i
   v_ref = ref[:, None, :, :] - ref[:, :, None, :]
@@ -96,10 +99,10 @@ def spatial_consistency(pred_aug, visible_aug, ref, ref_visible, affine_inv):
   err = jnp.sum((v_ref - v_back) ** 2, axis=-1)
   k = pred.shape[1]
   upper = jnp.triu(jnp.ones((k, k), bool), 1)
-  pairs = (vis[:, :, None] & vis[:, None, :] & upper).astype(jnp.float32)
+  pairs = (vis[:, :, None] & vis[:, None, :] & upper).astype(precision.real())
   n_pairs = jnp.sum(pairs, axis=(1, 2))
   per_sample = jnp.sum(err * pairs, axis=(1, 2)) / jnp.maximum(n_pairs, 1.0)
-  has = (n_pairs > 0).astype(jnp.float32)
+  has = (n_pairs > 0).astype(precision.real())
   return jnp.sum(per_sample * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
@@ -119,8 +122,8 @@ def triplet(anchor, positive, margin, mining='hardest'):
   mining='semihard' (FaceNet; tfa triplet_semihard_loss): n_i = the closest negative farther than
   the positive, d(a_i, n) > d(a_i, p_i); if none is, the farthest negative.
   """
-  a = jnp.asarray(anchor, jnp.float32)
-  p = jnp.asarray(positive, jnp.float32)
+  a = jnp.asarray(anchor, precision.real())
+  p = jnp.asarray(positive, precision.real())
   b = a.shape[0]
   d_ap = _safe_norm(jnp.sum((a - p) ** 2, axis=-1))
   d_neg = jnp.concatenate([_pairwise_dist(a, a), _pairwise_dist(a, p)], axis=1)  # (B, 2B)
@@ -134,7 +137,7 @@ def triplet(anchor, positive, margin, mining='hardest'):
     d_an = jnp.where(jnp.any(outside, axis=1), closest_outside, farthest)
   else:
     raise ValueError(f"mining must be 'hardest' or 'semihard', got {mining!r}")
-  return jnp.mean(jnp.maximum(d_ap - d_an + jnp.float32(margin), 0.0))
+  return jnp.mean(jnp.maximum(d_ap - d_an + precision.real()(margin), 0.0))
 
 
 def multiscale_info_nce(levels1, levels2, weights, temperature, neg_weights=None):
@@ -148,22 +151,32 @@ def multiscale_info_nce(levels1, levels2, weights, temperature, neg_weights=None
   Returns (L_ms, [L_l for every level]); skipped levels report 0.
   """
   if not len(levels1) == len(levels2) == len(weights):
-    raise ValueError(f'multiscale_info_nce: {len(levels1)} / {len(levels2)} levels, '
-                     f'{len(weights)} weights')
-  total = jnp.float32(0.0)
+    raise ValueError(
+      f'multiscale_info_nce: {len(levels1)} / {len(levels2)} levels, {len(weights)} weights'
+    )
+  total = precision.real()(0.0)
   per_level = []
   for z1, z2, w in zip(levels1, levels2, weights):
     if float(w) == 0:
-      per_level.append(jnp.float32(0.0))
+      per_level.append(precision.real()(0.0))
       continue
     l = info_nce(z1, z2, temperature, neg_weights)
     per_level.append(l)
-    total = total + jnp.float32(w) * l
+    total = total + precision.real()(w) * l
   return total, per_level
 
 
-def cross_modal_pairs(canonical, visible, organs, modality_ids, delta, *, landmark_mask=None,
-                      min_common=1, organ_weight=0.5):
+def cross_modal_pairs(
+  canonical,
+  visible,
+  organs,
+  modality_ids,
+  delta,
+  *,
+  landmark_mask=None,
+  min_common=1,
+  organ_weight=0.5,
+):
   """Pseudo-positive weights between samples of different modalities (paper 3.3.3), (N, N).
 
   canonical (N, K, 2) landmarks in the canonical frontal frame, visible (N, K), organs (N, O)
@@ -179,21 +192,22 @@ def cross_modal_pairs(canonical, visible, organs, modality_ids, delta, *, landma
   "Every commonly visible landmark within delta" reads the paper's "contain landmarks ...
   within similar normalised coordinates (distance < 0.15)" as all of them, not any one.
   """
-  c = jnp.asarray(canonical, jnp.float32)
+  c = jnp.asarray(canonical, precision.real())
   vis = jnp.asarray(visible, bool)
   if landmark_mask is not None:
     vis = vis & jnp.asarray(landmark_mask, bool)[None, :]
   common = vis[:, None, :] & vis[None, :, :]  # (N, N, K)
   dist = _safe_norm(jnp.sum((c[:, None] - c[None, :]) ** 2, axis=-1))
   n_common = jnp.sum(common, axis=-1)
-  all_close = jnp.all(~common | (dist < jnp.float32(delta)), axis=-1)
+  all_close = jnp.all(~common | (dist < precision.real()(delta)), axis=-1)
   mod = jnp.asarray(modality_ids)
   other = mod[:, None] != mod[None, :]
   landmark_pair = other & (n_common >= min_common) & all_close
-  org = jnp.asarray(organs, jnp.float32)
+  org = jnp.asarray(organs, precision.real())
   organ_pair = other & ((org @ org.T) > 0)
-  return jnp.where(landmark_pair, 1.0,
-                   jnp.where(organ_pair, jnp.float32(organ_weight), 0.0)).astype(jnp.float32)
+  return jnp.where(
+    landmark_pair, 1.0, jnp.where(organ_pair, precision.real()(organ_weight), 0.0)
+  ).astype(precision.real())
 
 
 def cross_modal_info_nce(z, modality_ids, pair_weights, temperature):
@@ -210,18 +224,18 @@ def cross_modal_info_nce(z, modality_ids, pair_weights, temperature):
   Dividing by the count (not by sum P) keeps an organ-only pair at half the weight of a
   landmark pair, the paper's "0.5x the standard positive pair loss contribution".
   """
-  z = jnp.asarray(z, jnp.float32)
-  p = jnp.asarray(pair_weights, jnp.float32)
+  z = jnp.asarray(z, precision.real())
+  p = jnp.asarray(pair_weights, precision.real())
   mod = jnp.asarray(modality_ids)
-  logits = z @ z.T / jnp.float32(temperature)
+  logits = z @ z.T / precision.real()(temperature)
   cand = mod[:, None] != mod[None, :]
   lse = jax.nn.logsumexp(jnp.where(cand, logits, -jnp.inf), axis=1, keepdims=True)
   # Rows without candidates (one modality only) have lse = -inf; they have no positives either.
   log_p = jnp.where(cand, logits - jnp.where(jnp.isfinite(lse), lse, 0.0), 0.0)
   pos = (p > 0) & cand
-  n_pos = jnp.sum(pos, axis=1).astype(jnp.float32)
+  n_pos = jnp.sum(pos, axis=1).astype(precision.real())
   per_anchor = -jnp.sum(jnp.where(pos, p * log_p, 0.0), axis=1) / jnp.maximum(n_pos, 1.0)
-  has = (n_pos > 0).astype(jnp.float32)
+  has = (n_pos > 0).astype(precision.real())
   return jnp.sum(per_anchor * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
@@ -233,6 +247,6 @@ def curriculum_weight(epoch, start, end, peak):
   Works on Python floats and traced arrays alike.
   """
   if end <= start:
-    return jnp.where(jnp.asarray(epoch) >= start, jnp.float32(peak), jnp.float32(0.0))
-  frac = jnp.clip((jnp.asarray(epoch, jnp.float32) - start) / (end - start), 0.0, 1.0)
-  return jnp.float32(peak) * frac
+    return jnp.where(jnp.asarray(epoch) >= start, precision.real()(peak), precision.real()(0.0))
+  frac = jnp.clip((jnp.asarray(epoch, precision.real()) - start) / (end - start), 0.0, 1.0)
+  return precision.real()(peak) * frac

@@ -2,6 +2,7 @@
 
 Flags, multi-process start-up, then one call into the experiment named by `config.experiment`.
 """
+
 import logging as std_logging
 import os
 import sys
@@ -12,11 +13,15 @@ from ml_collections import config_flags
 from aacp_jax import errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variants].',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file[:variants].', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard and eval.json.')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, for multi-process runs not started by SLURM/TPU.')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0, for multi-process runs not started by SLURM/TPU.',
+)
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -24,6 +29,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def _maybe_initialize_distributed():
   import jax
+
   explicit = FLAGS.coordinator_address is not None
   # SLURM multi-task jobs and TPU pods are auto-detected by jax.distributed.initialize().
   slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
@@ -48,10 +54,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   import jax
-  logging.info('Process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+
+  logging.info(
+    'Process %d/%d, local devices %s', jax.process_index(), jax.process_count(), jax.local_devices()
+  )
   config = FLAGS.config
   from aacp_jax import experiments  # pylint: disable=g-import-not-at-top
+
   experiment = experiments.get(config.experiment).module()
   results = experiment.train_and_evaluate(config, FLAGS.workdir)
   if jax.process_index() == 0:
@@ -80,8 +89,9 @@ def _parse_flags(argv):
   except (AttributeError, KeyError, TypeError) as e:
     # ml_collections reports an unknown override key as a bare attribute error.
     bad = [a.split('=')[0].lstrip('-') for a in argv[1:] if a.startswith('--config.')]
-    raise ValueError(f'{", ".join(bad) or "--config"}: {_one_line(e)} is not a config key '
-                     'or has the wrong type') from None
+    raise ValueError(
+      f'{", ".join(bad) or "--config"}: {_one_line(e)} is not a config key or has the wrong type'
+    ) from None
 
 
 def run():

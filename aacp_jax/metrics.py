@@ -3,6 +3,7 @@
 Only process 0 writes; other processes get a writer that does nothing, so callers need no checks.
 `clu.metric_writers` is avoided on purpose: it imports TensorFlow.
 """
+
 import json
 import math
 import os
@@ -12,7 +13,6 @@ import numpy as np
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
@@ -24,6 +24,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # TF-free event writer.
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict):

@@ -3,6 +3,7 @@
 The one source of these facts (ARCHITECTURE: Records). NumPy only, no JAX: configs and data
 preparation import it too.
 """
+
 import numpy as np
 
 MODALITIES = ('ct', 'mri', 'xray')
@@ -18,13 +19,13 @@ RAW_DTYPES = {'ct': np.dtype(np.int16), 'mri': np.dtype(np.float16), 'xray': np.
 # (Table 2); the others are the usual radiology presets (width/level: lung 1400/-300,
 # bone 1800/400, brain 80/40, mediastinum 350/50).
 CT_WINDOWS = {
-    'pretrain': (-160.0, 240.0),
-    'lung': (-1000.0, 400.0),
-    'liver': (-160.0, 240.0),
-    'abdomen': (-160.0, 240.0),
-    'bone': (-500.0, 1300.0),
-    'brain': (0.0, 80.0),
-    'mediastinum': (-125.0, 225.0),
+  'pretrain': (-160.0, 240.0),
+  'lung': (-1000.0, 400.0),
+  'liver': (-160.0, 240.0),
+  'abdomen': (-160.0, 240.0),
+  'bone': (-500.0, 1300.0),
+  'brain': (0.0, 80.0),
+  'mediastinum': (-125.0, 225.0),
 }
 
 

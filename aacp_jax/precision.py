@@ -7,6 +7,7 @@ keeps float64 throughout, so that sharded and unsharded steps can be compared to
 than to float32's summation-order noise. One rule instead of written-out float32: the float32 and
 bfloat16 paths compute the same ops in the same dtypes as before.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,3 +31,14 @@ def upcast(x) -> jax.Array:
   """
   dtype = x.dtype if hasattr(x, 'dtype') else np.result_type(x)  # tracers have no __array__
   return jnp.asarray(x, at_least_float32(dtype))
+
+
+def real():
+  """The floating dtype of the losses' and the augmentation's own math: float32, or float64 in an
+  x64 process (`jax_enable_x64`, which only equivalence tests turn on).
+
+  Read at trace time, so a normal (x64-off) run is exactly the float32 program it always was;
+  under x64 the whole step, augmentation included, is float64 and sharded == unsharded holds to
+  ~1e-12 instead of float32's summation-order noise.
+  """
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32

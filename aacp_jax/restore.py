@@ -5,6 +5,7 @@ fine-tuning, from its `config.json` and a checkpoint, with no optimiser, mesh or
   out = restored.model.apply(restored.variables, {'ct': x}, train=False)
   encoder, enc_vars = restore.encoder_variables(restored, 'ct')   # a plain ResNet
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,8 @@ def load_variables(workdir: str, *, step: int | None = None) -> Restored:
   experiment = experiments.get(config.experiment)
   model = experiment.build_model(config)
   abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), experiment.dummy_inputs(config), train=False))
+    lambda: model.init(jax.random.key(0), experiment.dummy_inputs(config), train=False)
+  )
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise ValueError(f'{workdir}: no checkpoints/ (the run has not saved a step yet)')
@@ -61,12 +63,20 @@ def encoder_variables(restored: Restored, modality: str):
   model = restored.model
   name = f'encoder_{modality}'
   if name not in restored.variables['params']:
-    have = sorted(k[len('encoder_'):] for k in restored.variables['params']
-                  if k.startswith('encoder_'))
+    have = sorted(
+      k[len('encoder_') :] for k in restored.variables['params'] if k.startswith('encoder_')
+    )
     raise ValueError(f'modality {modality!r}: the restored model has encoders for {have}')
   channels = None if model.in_channels is None else model.in_channels.get(modality)
-  encoder = resnet.ResNet(depth=model.depth, width=model.width, num_classes=None,
-                          in_channels=channels, dtype=model.dtype,
-                          zero_init_residual=model.zero_init_residual)
-  return encoder, {'params': restored.variables['params'][name],
-                   'batch_stats': restored.variables['batch_stats'][name]}
+  encoder = resnet.ResNet(
+    depth=model.depth,
+    width=model.width,
+    num_classes=None,
+    in_channels=channels,
+    dtype=model.dtype,
+    zero_init_residual=model.zero_init_residual,
+  )
+  return encoder, {
+    'params': restored.variables['params'][name],
+    'batch_stats': restored.variables['batch_stats'][name],
+  }

@@ -4,11 +4,13 @@ Parameters are replicated and batches are split over the mesh axis 'data'. Under
 these shardings the whole step is written for the global batch: BatchNorm statistics and the InfoNCE
 similarity matrix span every device (cross-replica BN and global negatives by construction).
 """
+
 from typing import Any
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -26,27 +28,33 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def per_modality_batch(global_batch: int, shares: dict[str, float], modalities,
-                       num_devices: int, num_processes: int) -> dict[str, int]:
+def per_modality_batch(
+  global_batch: int, shares: dict[str, float], modalities, num_devices: int, num_processes: int
+) -> dict[str, int]:
   """Global batch per modality; fails (one line) when a share cannot split over devices/hosts."""
   total = sum(float(shares[m]) for m in modalities)
   sizes = {}
   for m in modalities:
     size = int(round(global_batch * float(shares[m]) / total))
     if size <= 0:
-      raise ValueError(f'config.data.shares.{m}: gives an empty batch for batch_size={global_batch}')
+      raise ValueError(
+        f'config.data.shares.{m}: gives an empty batch for batch_size={global_batch}'
+      )
     if size % num_devices:
       raise ValueError(
-          f'config.batch_size={global_batch}: the {m} share ({size}) is not divisible by the '
-          f'{num_devices} devices')
+        f'config.batch_size={global_batch}: the {m} share ({size}) is not divisible by the '
+        f'{num_devices} devices'
+      )
     if size % num_processes:
       raise ValueError(
-          f'config.batch_size={global_batch}: the {m} share ({size}) is not divisible by the '
-          f'{num_processes} processes')
+        f'config.batch_size={global_batch}: the {m} share ({size}) is not divisible by the '
+        f'{num_processes} processes'
+      )
     sizes[m] = size
   if sum(sizes.values()) != global_batch:
     raise ValueError(
-        f'config.data.shares: per-modality batches {sizes} do not add up to batch_size={global_batch}')
+      f'config.data.shares: per-modality batches {sizes} do not add up to batch_size={global_batch}'
+    )
   return sizes
 
 

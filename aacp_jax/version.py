@@ -1,4 +1,5 @@
 """The package version, and `code_version`: what a manifest or results row records as its code."""
+
 import functools
 import hashlib
 import os
@@ -23,8 +24,9 @@ def code_version() -> str:
   paths = []
   for top in _DATA_CODE:
     for folder, _, names in sorted(os.walk(os.path.join(_ROOT, top))):
-      paths += [os.path.relpath(os.path.join(folder, n), _ROOT) for n in sorted(names)
-                if n.endswith('.py')]
+      paths += [
+        os.path.relpath(os.path.join(folder, n), _ROOT) for n in sorted(names) if n.endswith('.py')
+      ]
   for rel in sorted(paths):
     with open(os.path.join(_ROOT, rel), 'rb') as f:
       h.update(rel.encode() + b'\0' + f.read() + b'\0')

@@ -4,6 +4,7 @@
 included), so a notebook, a fine-tuning run or `restore.load_variables` rebuild the model from
 the workdir alone, without retyping the command.
 """
+
 import json
 import os
 
@@ -50,8 +51,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise ValueError(f'{workdir}: no {CONFIG_FILE}; not a workdir of `python -m aacp_jax.main` '
-                     '(or written by a version before config.json)')
+    raise ValueError(
+      f'{workdir}: no {CONFIG_FILE}; not a workdir of `python -m aacp_jax.main` '
+      '(or written by a version before config.json)'
+    )
   try:
     with open(path, encoding='utf-8') as f:
       return ml_collections.ConfigDict(json.load(f))

@@ -15,9 +15,10 @@ Commands (run from the repository root):
 
 Variants join with commas (`demo` composes with the others); `--config.x=y` overrides any value.
 """
+
 import ml_collections
 
-from aacp_jax import augment
+from aacp_jax import augment_defaults as augment
 from configs import variants
 
 VARIANTS = variants.Variants('configs/landmarks.py')

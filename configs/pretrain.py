@@ -17,9 +17,10 @@ any value too, e.g. `configs/pretrain.py:demo,method=aacp,optim.lr=3e-4`. Any va
 overridden on the command line, e.g. `--config.optim.lr=3e-4`. `sweep()` lists every variant;
 `TABLE6` the ablation rows in the paper's order.
 """
+
 import ml_collections
 
-from aacp_jax import augment
+from aacp_jax import augment_defaults as augment
 from configs import variants
 
 # Each variant is a function editing the config in place; `demo` composes with the others.
@@ -212,8 +213,17 @@ def no_cross_modal(c):
 
 # Table 6 rows in the paper's order ('simclr' is its 'Minimal (SimCLR-style)' row; 'minimal' is
 # section 1.3.3's components 1-3, the paper's 1.68x training-time reference).
-TABLE6 = ('full', 'no_spatial', 'no_anatomy_aug', 'no_multiscale', 'no_roi', 'no_triplet',
-          'no_cross_modal', 'simclr', 'minimal')
+TABLE6 = (
+  'full',
+  'no_spatial',
+  'no_anatomy_aug',
+  'no_multiscale',
+  'no_roi',
+  'no_triplet',
+  'no_cross_modal',
+  'simclr',
+  'minimal',
+)
 
 
 def sweep():

@@ -5,6 +5,7 @@
 as a Python literal of the field's current type where it parses (numbers, booleans, tuples),
 and as a string otherwise (paths, names).
 """
+
 import ast
 
 
@@ -71,7 +72,8 @@ def set_value(config, key: str, text: str, path: str = 'config') -> None:
     except (ValueError, SyntaxError):
       raise ValueError(f'{path}: {key}={text}: expected a {type(old).__name__}') from None
     if isinstance(old, bool) != isinstance(value, bool) or (
-        isinstance(old, (int, float)) and not isinstance(value, (int, float))):
+      isinstance(old, (int, float)) and not isinstance(value, (int, float))
+    ):
       raise ValueError(f'{path}: {key}={text}: expected a {type(old).__name__}')
     if isinstance(old, float):
       value = float(value)

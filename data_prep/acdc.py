@@ -22,6 +22,7 @@ Slices stay in the acquired short-axis plane (cardiac axes are oblique to the bo
 axial would interpolate across 5-10 mm slices); in-plane they are resampled to 1 mm (linear image,
 nearest mask). No MNI registration or skull stripping: both are brain-specific.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,7 @@ import re
 
 import numpy as np
 
-from data_prep import brats
-from data_prep import runner
+from data_prep import brats, runner
 from data_prep import volume_common as vc
 
 DATASET = 'acdc'
@@ -84,12 +84,27 @@ def list_items(root: str):
       if any(f['image'] is None for f in frames.values()) and cine is None:
         missing.append('frame image and 4D cine')
       if missing:
-        rejects.append((key, 'missing_label' if 'mask' in missing[0] else 'missing_file',
-                        f'no {", ".join(missing)}'))
+        rejects.append(
+          (
+            key,
+            'missing_label' if 'mask' in missing[0] else 'missing_file',
+            f'no {", ".join(missing)}',
+          )
+        )
         continue
-      items.append(runner.Item(key=key, subject=name, modality='mri', payload={
-          'frames': frames, 'cine': cine, 'group': GROUPS.index(info['Group']),
-          'testing': 'testing' in key.lower().split(os.sep)}))
+      items.append(
+        runner.Item(
+          key=key,
+          subject=name,
+          modality='mri',
+          payload={
+            'frames': frames,
+            'cine': cine,
+            'group': GROUPS.index(info['Group']),
+            'testing': 'testing' in key.lower().split(os.sep),
+          },
+        )
+      )
   return items, rejects
 
 
@@ -102,20 +117,24 @@ def _find(root: str, stem: str) -> str | None:
 
 def _frame_image(root: str, frame: dict, cine: str | None):
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   if frame['image'] is not None:
     return ops.read_volume(os.path.join(root, frame['image']))
   movie = ops.read_volume(os.path.join(root, cine), ndim=4)
   t = frame['frame'] - 1
   if not 0 <= t < movie.GetSize()[3]:
-    raise runner.Reject('dimensions', f'{cine}: frame {frame["frame"]} outside its '
-                        f'{movie.GetSize()[3]} frames')
+    raise runner.Reject(
+      'dimensions', f'{cine}: frame {frame["frame"]} outside its {movie.GetSize()[3]} frames'
+    )
   return sitk.Extract(movie, list(movie.GetSize()[:3]) + [0], [0, 0, 0, t])
 
 
 def resample_in_plane(image, *, mask: bool, spacing: float = 1.0):
   """``image`` at ``spacing`` mm in-plane, slices untouched, same orientation (SimpleITK)."""
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   old, size = np.array(image.GetSpacing()), np.array(image.GetSize())
   new = np.array([spacing, spacing, old[2]])
   out_size = np.maximum(np.round(size * old / new), 1).astype(int)
@@ -124,14 +143,25 @@ def resample_in_plane(image, *, mask: bool, spacing: float = 1.0):
   origin = np.array(image.GetOrigin()) + direction @ ((new - old) / 2 * np.array([1, 1, 0]))
   kind = sitk.sitkNearestNeighbor if mask else sitk.sitkLinear
   pixel = sitk.sitkUInt8 if mask else sitk.sitkFloat32
-  return sitk.Resample(image, [int(s) for s in out_size], sitk.Transform(), kind, origin.tolist(),
-                       new.tolist(), image.GetDirection(), 0, pixel)
+  return sitk.Resample(
+    image,
+    [int(s) for s in out_size],
+    sitk.Transform(),
+    kind,
+    origin.tolist(),
+    new.tolist(),
+    image.GetDirection(),
+    0,
+    pixel,
+  )
 
 
 def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   del subject_hash
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   root, payload = options.input, item.payload
   records = []
   try:
@@ -139,11 +169,15 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
       image = _frame_image(root, frame, payload['cine'])
       gt = ops.read_volume(os.path.join(root, frame['gt']))
       if gt.GetSize() != image.GetSize():
-        raise runner.Reject('dimensions', f'{frame["gt"]}: size {gt.GetSize()} differs from the '
-                            f'{phase} frame\'s {image.GetSize()}')
+        raise runner.Reject(
+          'dimensions',
+          f"{frame['gt']}: size {gt.GetSize()} differs from the {phase} frame's {image.GetSize()}",
+        )
       values = np.unique(sitk.GetArrayViewFromImage(gt))
       if not np.isin(values, (0, 1, 2, 3)).all():
-        raise runner.Reject('unknown_label', f'{frame["gt"]}: labels {values.tolist()[:6]}, expected 0-3')
+        raise runner.Reject(
+          'unknown_label', f'{frame["gt"]}: labels {values.tolist()[:6]}, expected 0-3'
+        )
       # A mask on other voxels than its frame would be misaligned by a copied header: see align_to.
       gt = ops.align_to(sitk.Cast(gt, sitk.sitkUInt8), image, frame['gt'])
       if options.extra.get('n4', True):
@@ -153,8 +187,14 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
       pixels = ops.instance_normalise(sitk.GetArrayFromImage(image))
       stack = ops.stack_sequences(pixels, pixels, pixels)
       sx, sy, sz = image.GetSpacing()
-      records += brats.slice_records(stack, gt, np.array([sy, sx, sz], np.float32), region='cardiac',
-                                     min_fraction=0.0, label=payload['group'])
+      records += brats.slice_records(
+        stack,
+        gt,
+        np.array([sy, sx, sz], np.float32),
+        region='cardiac',
+        min_fraction=0.0,
+        label=payload['group'],
+      )
   except Exception as e:  # pylint: disable=broad-except  # reasons name files relative to --input
     raise vc.convert_reject(e, vc.relative_names(root)) from None
   return records
@@ -166,18 +206,31 @@ def split_of(item: runner.Item):
 
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   options = runner.options_from_flags(n4=flags.FLAGS.n4)
   items, rejects = list_items(options.input)
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=GROUPS,
-                    split_of=split_of, meta={'n4': flags.FLAGS.n4, 'channels': 'cine x3',
-                                             'mask_values': {'0': 'background', '1': 'rv',
-                                                             '2': 'myocardium', '3': 'lv'}})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=GROUPS,
+    split_of=split_of,
+    meta={
+      'n4': flags.FLAGS.n4,
+      'channels': 'cine x3',
+      'mask_values': {'0': 'background', '1': 'rv', '2': 'myocardium', '3': 'lv'},
+    },
+  )
 
 
 if __name__ == '__main__':
-  from absl import app as _app, flags as _flags
+  from absl import app as _app
+  from absl import flags as _flags
+
   runner.define_flags()
   _flags.DEFINE_bool('n4', True, 'N4 bias-field correction of each frame volume.')
   _app.run(main)

@@ -18,16 +18,14 @@ Modalities the detector was not trained for are copied unchanged (a warning says
 output manifest already exists is skipped (delete it to redo). The demo's 1,152 phantoms (64²) take
 10 s on 2 CPU cores, compilation included.
 """
+
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import numpy as np
 
-from aacp_jax.data import pipeline
-from aacp_jax.data import shards
+from aacp_jax.data import pipeline, shards
 
 FLAGS = flags.FLAGS
 
@@ -40,6 +38,7 @@ def define_flags():
   flags.DEFINE_list('splits', None, 'Splits to annotate (default: all in --input).')
   flags.DEFINE_float('threshold', None, "Visibility threshold (default: the detector's).")
   flags.DEFINE_integer('batch_size', 64, 'Records per detector call.')
+
 
 def annotate(record, points, confidence, atlas, threshold):
   """The record with the detection written in (a new dict; the input is not modified)."""
@@ -70,8 +69,9 @@ class _Annotated:
 
 
 def _splits(root):
-  found = sorted(d for d in os.listdir(root)
-                 if os.path.exists(os.path.join(root, d, shards.MANIFEST)))
+  found = sorted(
+    d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, shards.MANIFEST))
+  )
   if not found:
     raise ValueError(f'--input={root}: no split with a {shards.MANIFEST}')
   return found
@@ -80,6 +80,7 @@ def _splits(root):
 def run(checkpoint, input_root, output_root, splits=None, threshold=None, batch_size=64):
   """Annotates `splits` of `input_root` into `output_root`; returns {split: {modality: count}}."""
   from aacp_jax.eval import detector as lmk  # jax and the model only once the flags are valid
+
   if os.path.abspath(input_root) == os.path.abspath(output_root):
     raise ValueError('--output must differ from --input (the input shards stay as they are)')
   config, model, variables, atlas = lmk.load_detector(checkpoint)
@@ -98,24 +99,36 @@ def run(checkpoint, input_root, output_root, splits=None, threshold=None, batch_
       source = shards.open_source(input_root, split, m)
       num_shards[m] = len(entry['files'])
       if m not in config.modalities:
-        logging.warning('%s/%s: the detector has no %s net; records copied unchanged.',
-                        input_root, split, m)
+        logging.warning(
+          '%s/%s: the detector has no %s net; records copied unchanged.', input_root, split, m
+        )
         by_modality[m] = _Annotated(source, lambda chunk: chunk, batch_size)
         continue
 
       def detect(chunk, m=m):
         images = np.stack([pipeline.resize_image(r['image'], size) for r in chunk])
-        points, conf = lmk.predict(variables, images, m, model=model, aug_cfg=config.augment,
-                                   batch_size=batch_size)
+        points, conf = lmk.predict(
+          variables, images, m, model=model, aug_cfg=config.augment, batch_size=batch_size
+        )
         return [annotate(r, p, c, atlas, threshold) for r, p, c in zip(chunk, points, conf)]
 
       by_modality[m] = _Annotated(source, detect, batch_size)
     meta = dict(manifest.get('meta') or {})
-    meta['landmarks'] = {'detector': os.path.abspath(checkpoint), 'threshold': threshold,
-                         'detector_image_size': size, 'source_root': os.path.abspath(input_root)}
-    written = shards.write_split(output_root, split, by_modality, seed=manifest['seed'],
-                                 num_shards=num_shards, label_names=manifest.get('label_names'),
-                                 meta=meta)
+    meta['landmarks'] = {
+      'detector': os.path.abspath(checkpoint),
+      'threshold': threshold,
+      'detector_image_size': size,
+      'source_root': os.path.abspath(input_root),
+    }
+    written = shards.write_split(
+      output_root,
+      split,
+      by_modality,
+      seed=manifest['seed'],
+      num_shards=num_shards,
+      label_names=manifest.get('label_names'),
+      meta=meta,
+    )
     counts[split] = {m: e['count'] for m, e in written['modalities'].items()}
     logging.info('%s/%s: %s records annotated.', output_root, split, counts[split])
   return counts
@@ -125,8 +138,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    run(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.splits, FLAGS.threshold,
-        FLAGS.batch_size)
+    run(
+      FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.splits, FLAGS.threshold, FLAGS.batch_size
+    )
   except (ValueError, OSError, shards.ShardError) as e:
     # One line naming the culprit, exit status 2, as aacp_jax.main does for bad input.
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

@@ -10,6 +10,7 @@ volumes_per_s, seconds, records, peak_rss_bytes, plus the series geometry.
 
 `write_dicom_series` is also what the prep tests use to build DICOM trees in miniature.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,22 @@ CT_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.2'
 MR_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.4'
 
 
-def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                       header=None, modality='CT', slope=1.0, intercept=-1024.0,
-                       image_type=('ORIGINAL', 'PRIMARY', 'AXIAL'), series_uid=None,
-                       study_uid=None, transfer_syntax=None, name_fn=None):
+def write_dicom_series(
+  directory,
+  slices,
+  *,
+  spacing=(1.0, 1.0, 1.0),
+  origin=(0.0, 0.0, 0.0),
+  header=None,
+  modality='CT',
+  slope=1.0,
+  intercept=-1024.0,
+  image_type=('ORIGINAL', 'PRIMARY', 'AXIAL'),
+  series_uid=None,
+  study_uid=None,
+  transfer_syntax=None,
+  name_fn=None,
+):
   """Writes one axial series, one file per slice; returns the file paths.
 
   ``slices`` yields 2D arrays in the stored physical unit (HU for CT): slice k lies at
@@ -41,9 +54,9 @@ def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.
   # pydicom imports stay here: importing this module (the tests do) stays cheap.
   import numpy as np
   import pydicom
-  from pydicom.dataset import FileDataset, FileMetaDataset
   from pydicom import encaps
   from pydicom import uid as dcm_uid
+  from pydicom.dataset import FileDataset, FileMetaDataset
 
   os.makedirs(directory, exist_ok=True)
   series_uid = series_uid or dcm_uid.generate_uid()
@@ -55,7 +68,9 @@ def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.
     values = np.asarray(values, np.float64)
     stored = np.round((values - intercept) / slope)
     if stored.min() < -32768 or stored.max() > 32767:
-      raise ValueError(f'slice {k}: values do not fit int16 with slope {slope}, intercept {intercept}')
+      raise ValueError(
+        f'slice {k}: values do not fit int16 with slope {slope}, intercept {intercept}'
+      )
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = dcm_uid.generate_uid()
@@ -63,12 +78,20 @@ def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.
     ds = FileDataset(None, {}, file_meta=meta, preamble=b'\0' * 128)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+      study_uid,
+      series_uid,
+      frame_uid,
+    )
     ds.Modality = modality
     ds.ImageType = list(image_type)
     ds.PatientID = 'ANON'
     ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-    ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2] + k * spacing[2])]
+    ds.ImagePositionPatient = [
+      float(origin[0]),
+      float(origin[1]),
+      float(origin[2] + k * spacing[2]),
+    ]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
     ds.SliceThickness = float(spacing[2])
@@ -93,6 +116,7 @@ def write_dicom_series(directory, slices, *, spacing=(1.0, 1.0, 1.0), origin=(0.
 def _phantom_slices(rows: int, slices: int):
   """Chest-like HU slices (body, two lungs, spine, a nodule every 50 slices), one at a time."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   y, x = np.mgrid[0:rows, 0:rows] / rows - 0.5
   body = (x / 0.45) ** 2 + (y / 0.35) ** 2 <= 1
   spine = (x / 0.05) ** 2 + ((y - 0.25) / 0.05) ** 2 <= 1
@@ -105,14 +129,16 @@ def _phantom_slices(rows: int, slices: int):
     lungs = (((np.abs(x) - 0.2) / (0.15 * s)) ** 2 + (y / (0.25 * s)) ** 2) <= 1
     hu = np.where(lungs, -850.0, base)
     if k % 50 == 25:
-      hu[(x - 0.2) ** 2 + y ** 2 <= 0.01 ** 2] = 30
+      hu[(x - 0.2) ** 2 + y**2 <= 0.01**2] = 30
     yield hu + noise[k % 8]
 
 
 def _emit(**row):
   """Prints one JSON line with the backend fields `aacp_jax.bench` rows carry (comparable rows)."""
   import json  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top  # only for the backend fields, after the run.
+
   row.setdefault('backend', jax.default_backend())
   row.setdefault('devices', jax.device_count())
   row.setdefault('device_kind', jax.devices()[0].device_kind)
@@ -132,37 +158,63 @@ def run(emit=_emit):
   with tempfile.TemporaryDirectory(prefix='aacp_bench_prep_') as tmp:
     raw, out = os.path.join(tmp, 'raw'), os.path.join(tmp, 'out')
     t0 = time.perf_counter()
-    write_dicom_series(os.path.join(raw, 'series'), _phantom_slices(rows, slices),
-                       spacing=(_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value),
-                       header={'PatientID': 'BENCH'})
+    write_dicom_series(
+      os.path.join(raw, 'series'),
+      _phantom_slices(rows, slices),
+      spacing=(_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value),
+      header={'PatientID': 'BENCH'},
+    )
     synth_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # A child process, so the peak RSS is the conversion's alone (not the synthesis, not this
     # process's imports); os.wait4 reports that child's rusage, which includes its own workers.
     with open(os.path.join(tmp, 'log'), 'w+', encoding='utf-8') as log:
       proc = subprocess.Popen(
-          [sys.executable, '-m', 'data_prep.dicom_ct', f'--input={raw}', f'--output={out}',
-           '--salt=bench-prep-salt-not-secret', f'--workers={_PREP_WORKERS.value}',
-           '--progress=false'], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        [
+          sys.executable,
+          '-m',
+          'data_prep.dicom_ct',
+          f'--input={raw}',
+          f'--output={out}',
+          '--salt=bench-prep-salt-not-secret',
+          f'--workers={_PREP_WORKERS.value}',
+          '--progress=false',
+        ],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
       _, status, usage = os.wait4(proc.pid, 0)
       proc.returncode = os.waitstatus_to_exitcode(status)
       seconds = time.perf_counter() - t0
       log.seek(0)
       if proc.returncode != 0:
-        raise RuntimeError(f'bench_prep: data_prep.dicom_ct exited {proc.returncode}: '
-                           f'{" ".join(log.read().split()[-40:])}')
+        raise RuntimeError(
+          f'bench_prep: data_prep.dicom_ct exited {proc.returncode}: '
+          f'{" ".join(log.read().split()[-40:])}'
+        )
     peak_kib = usage.ru_maxrss  # KiB on Linux
     with open(os.path.join(out, 'train', 'manifest.json'), encoding='utf-8') as f:
       records = sum(m['count'] for m in json.load(f)['modalities'].values())
   peak = int(peak_kib) * 1024
-  emit(bench='prep', source='dicom_ct', series_shape=[rows, rows, slices],
-       spacing_mm=[_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value], workers=_PREP_WORKERS.value,
-       synth_s=round(synth_s, 2), seconds=round(seconds, 2), volumes_per_s=round(1 / seconds, 4),
-       records=records, peak_rss_bytes=peak, peak_rss_under_2gb=peak < 2 * 1024**3)
+  emit(
+    bench='prep',
+    source='dicom_ct',
+    series_shape=[rows, rows, slices],
+    spacing_mm=[_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value],
+    workers=_PREP_WORKERS.value,
+    synth_s=round(synth_s, 2),
+    seconds=round(seconds, 2),
+    volumes_per_s=round(1 / seconds, 4),
+    records=records,
+    peak_rss_bytes=peak,
+    peak_rss_under_2gb=peak < 2 * 1024**3,
+  )
 
 
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   run()
@@ -170,4 +222,5 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app as _app
+
   _app.run(main)

@@ -32,6 +32,7 @@ tumour. Slices whose brain area is below ``--min_brain_fraction`` of the largest
 The one known misnamed training segmentation (a case folder holding a single ``*seg*.nii`` under
 another name) is accepted when it is the only unmatched ``*seg*`` file of its folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,25 +78,35 @@ def list_items(root: str, *, require_seg: bool = True):
   for folder, case in sorted(cases.items()):
     key = folder or '.'
     if case.get('_duplicates'):
-      rejects.append((key, 'duplicate', f'{len(case["_duplicates"])} sequence file(s) listed twice '
-                      '(.nii and .nii.gz?)'))
+      rejects.append(
+        (
+          key,
+          'duplicate',
+          f'{len(case["_duplicates"])} sequence file(s) listed twice (.nii and .nii.gz?)',
+        )
+      )
       continue
     missing = [s for s in SEQUENCES if s not in case]
     if missing:
       rejects.append((key, 'missing_file', f'no {", ".join(missing)} file'))
       continue
     if 'seg' not in case:
-      others = [n for n in sorted(os.listdir(os.path.join(root, folder)))
-                if 'seg' in n.lower() and n.lower().endswith(('.nii', '.nii.gz'))]
+      others = [
+        n
+        for n in sorted(os.listdir(os.path.join(root, folder)))
+        if 'seg' in n.lower() and n.lower().endswith(('.nii', '.nii.gz'))
+      ]
       if len(others) == 1:
         case['seg'] = os.path.join(folder, others[0])
     if 'seg' not in case and require_seg:
-      rejects.append((key, 'missing_label', 'no _seg file (pass --require_seg=false for the '
-                      'validation release)'))
+      rejects.append(
+        (key, 'missing_label', 'no _seg file (pass --require_seg=false for the validation release)')
+      )
       continue
     payload = {s: case[s] for s in SEQUENCES + ('seg',) if s in case}
-    items.append(runner.Item(key=key, subject=os.path.basename(folder) or key, modality='mri',
-                             payload=payload))
+    items.append(
+      runner.Item(key=key, subject=os.path.basename(folder) or key, modality='mri', payload=payload)
+    )
   return items, rejects
 
 
@@ -113,23 +124,32 @@ def check_stripped(t1, where: str, brain_mm3: float | None = None) -> None:
   The registration Dice alone let a head through: an affine fit shrinks the head onto the brain.
   """
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   nonzero = sitk.GetArrayViewFromImage(t1) != 0
   zero_fraction = 1.0 - float(nonzero.mean())
   if zero_fraction < _MIN_ZERO_FRACTION:
-    raise runner.Reject('unstripped', f'{where}: only {zero_fraction:.0%} of the T1 voxels are 0; '
-                        'a skull-stripped volume is 0 outside the brain, as BraTS ships it')
+    raise runner.Reject(
+      'unstripped',
+      f'{where}: only {zero_fraction:.0%} of the T1 voxels are 0; '
+      'a skull-stripped volume is 0 outside the brain, as BraTS ships it',
+    )
   if brain_mm3:
     ratio = float(nonzero.sum()) * float(np.prod(t1.GetSpacing())) / brain_mm3
     if ratio > _MAX_BRAIN_RATIO:
-      raise runner.Reject('unstripped', f'{where}: the non-zero T1 volume is {ratio:.1f}x the '
-                          f'template brain (> {_MAX_BRAIN_RATIO}): a head with its skull, not a '
-                          'stripped brain as BraTS ships it')
+      raise runner.Reject(
+        'unstripped',
+        f'{where}: the non-zero T1 volume is {ratio:.1f}x the '
+        f'template brain (> {_MAX_BRAIN_RATIO}): a head with its skull, not a '
+        'stripped brain as BraTS ships it',
+      )
 
 
 def to_standard_space(volumes: dict, seg, extra: dict, where: str):
   """(float32 {name: (Z, H, W)} canonical arrays, uint8 seg (Z, H, W) or None, spacing (row, col, slice))."""
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   brain_mm3 = None
   if extra.get('mni', True):
     _, brain = ops.mni_template(extra.get('mni_resolution', 1))
@@ -143,15 +163,23 @@ def to_standard_space(volumes: dict, seg, extra: dict, where: str):
   if extra.get('mni', True):
     template, brain = ops.mni_template(extra.get('mni_resolution', 1))
     fixed = ops.skull_strip(template, brain)
-    transform = ops.register(volumes['t1'], fixed, kind='affine',
-                             iterations=extra.get('mni_iterations', 100), shrink=_REG_SHRINK,
-                             sampling=_REG_SAMPLING)
+    transform = ops.register(
+      volumes['t1'],
+      fixed,
+      kind='affine',
+      iterations=extra.get('mni_iterations', 100),
+      shrink=_REG_SHRINK,
+      sampling=_REG_SAMPLING,
+    )
     volumes = {k: ops.warp(v, template, transform) for k, v in volumes.items()}
     seg = ops.warp(seg, template, transform, mask=True) if seg is not None else None
-    dice = _dice(sitk.GetArrayViewFromImage(volumes['t1']) > 0, sitk.GetArrayViewFromImage(brain) > 0)
+    dice = _dice(
+      sitk.GetArrayViewFromImage(volumes['t1']) > 0, sitk.GetArrayViewFromImage(brain) > 0
+    )
     if dice < _MIN_DICE:
-      raise runner.Reject('geometry', f'{where}: MNI registration failed (brain Dice {dice:.2f} < '
-                          f'{_MIN_DICE})')
+      raise runner.Reject(
+        'geometry', f'{where}: MNI registration failed (brain Dice {dice:.2f} < {_MIN_DICE})'
+      )
   arrays = {k: sitk.GetArrayFromImage(ops.to_canonical(v)) for k, v in volumes.items()}
   reference = ops.to_canonical(volumes['t1'])
   sx, sy, sz = reference.GetSpacing()
@@ -162,15 +190,19 @@ def to_standard_space(volumes: dict, seg, extra: dict, where: str):
 def read_case(root: str, payload: dict):
   """The three sequences (and seg) as SimpleITK images on one grid; PrepError / Reject otherwise."""
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   volumes = {s: ops.read_volume(os.path.join(root, payload[s])) for s in SEQUENCES}
   seg = None
   if 'seg' in payload:
     seg = ops.read_volume(os.path.join(root, payload['seg']))
     values = np.unique(sitk.GetArrayViewFromImage(seg))
     if not np.isin(values, SEG_VALUES).all():
-      raise runner.Reject('unknown_label', f'{payload["seg"]}: labels {values.tolist()[:6]}, expected '
-                          f'a subset of {list(SEG_VALUES)}')
+      raise runner.Reject(
+        'unknown_label',
+        f'{payload["seg"]}: labels {values.tolist()[:6]}, expected a subset of {list(SEG_VALUES)}',
+      )
     seg = sitk.Cast(seg, sitk.sitkUInt8)
   sizes = {k: v.GetSize() for k, v in volumes.items()}
   if seg is not None:
@@ -186,14 +218,20 @@ def read_case(root: str, payload: dict):
   return volumes, seg
 
 
-def slice_records(stack, seg, spacing, *, region: str, min_fraction: float, label: int | None = None):
+def slice_records(
+  stack, seg, spacing, *, region: str, min_fraction: float, label: int | None = None
+):
   """Records of the axial slices of a (Z, H, W, 3) float16 stack whose foreground is large enough."""
   area = (stack != 0).any(axis=-1).sum(axis=(1, 2))
   if area.max() == 0:
     raise runner.Reject('empty', 'no foreground voxels')
   for z in np.flatnonzero(area >= min_fraction * area.max()):
-    record = {'image': np.ascontiguousarray(stack[z]), 'modality': 'mri', 'region': region,
-              'spacing': spacing}
+    record = {
+      'image': np.ascontiguousarray(stack[z]),
+      'modality': 'mri',
+      'region': region,
+      'spacing': spacing,
+    }
     if seg is not None:
       record['mask'] = np.ascontiguousarray(seg[z], dtype=np.uint8)
       record['label'] = np.array(label if label is not None else (seg[z] > 0).any(), np.int32)
@@ -203,20 +241,29 @@ def slice_records(stack, seg, spacing, *, region: str, min_fraction: float, labe
 def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   del subject_hash
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   try:
     volumes, seg = read_case(options.input, item.payload)
     arrays, seg_array, spacing = to_standard_space(volumes, seg, dict(options.extra), item.key)
     brain = np.logical_or.reduce([arrays[s] != 0 for s in SEQUENCES])
     normalised = [ops.instance_normalise(arrays[s], brain) for s in SEQUENCES]
     stack = ops.stack_sequences(*normalised)
-    return list(slice_records(stack, seg_array, spacing, region='brain',
-                              min_fraction=options.extra.get('min_brain_fraction', 0.25)))
+    return list(
+      slice_records(
+        stack,
+        seg_array,
+        spacing,
+        region='brain',
+        min_fraction=options.extra.get('min_brain_fraction', 0.25),
+      )
+    )
   except Exception as e:  # pylint: disable=broad-except  # reasons name files relative to --input
     raise vc.convert_reject(e, vc.relative_names(options.input)) from None
 
 
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -224,29 +271,55 @@ def main(argv):
     raise app.UsageError(f'--mni_resolution={f.mni_resolution}: nilearn ships 1 or 2 mm')
   if not 0 <= f.min_brain_fraction <= 1:
     raise app.UsageError(f'--min_brain_fraction={f.min_brain_fraction}: must be in [0, 1]')
-  extra = {'n4': f.n4, 'mni': f.mni, 'mni_resolution': f.mni_resolution,
-           'mni_iterations': f.mni_iterations, 'min_brain_fraction': f.min_brain_fraction}
+  extra = {
+    'n4': f.n4,
+    'mni': f.mni,
+    'mni_resolution': f.mni_resolution,
+    'mni_iterations': f.mni_iterations,
+    'min_brain_fraction': f.min_brain_fraction,
+  }
   options = runner.options_from_flags(**extra)
   items, rejects = list_items(options.input, require_seg=f.require_seg)
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
-                    meta={**extra, 'channels': list(SEQUENCES),
-                          'mask_values': {'0': 'background', '1': 'necrotic_core', '2': 'oedema',
-                                          '4': 'enhancing_tumour'}})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=LABEL_NAMES,
+    meta={
+      **extra,
+      'channels': list(SEQUENCES),
+      'mask_values': {
+        '0': 'background',
+        '1': 'necrotic_core',
+        '2': 'oedema',
+        '4': 'enhancing_tumour',
+      },
+    },
+  )
 
 
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   runner.define_flags()
   flags.DEFINE_bool('n4', True, 'N4 bias-field correction of each sequence.')
-  flags.DEFINE_bool('mni', True, 'Affine registration to the MNI152 template (one transform per case).')
+  flags.DEFINE_bool(
+    'mni', True, 'Affine registration to the MNI152 template (one transform per case).'
+  )
   flags.DEFINE_integer('mni_resolution', 1, 'Template resolution in mm (1 or 2).')
   flags.DEFINE_integer('mni_iterations', 100, 'Optimiser iterations per registration stage.')
   flags.DEFINE_bool('require_seg', True, 'Reject cases without a segmentation.')
-  flags.DEFINE_float('min_brain_fraction', 0.25, 'Keep slices whose brain area is at least this '
-                     'fraction of the largest slice\'s.')
+  flags.DEFINE_float(
+    'min_brain_fraction',
+    0.25,
+    "Keep slices whose brain area is at least this fraction of the largest slice's.",
+  )
 
 
 if __name__ == '__main__':
   from absl import app as _app
+
   define_flags()
   _app.run(main)

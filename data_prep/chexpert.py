@@ -11,14 +11,11 @@ Splits: the official ``valid.csv`` (radiologist-labelled, disjoint patients; the
 public) becomes ``test``; ``train.csv`` patients are split into train/val by ``--val_fraction``.
 Labels: ``labels`` int8 (14,) in ``xray_common.CHEXPERT_LABELS`` order, 1 / 0 / -1 uncertain, blank 0.
 """
+
 import os
 import re
-import sys
 
-import numpy as np
-
-from data_prep import privacy
-from data_prep import runner
+from data_prep import privacy, runner
 from data_prep import xray_common as xc
 
 DATASET = 'chexpert'
@@ -40,8 +37,10 @@ def list_items(root: str, *, frontal_only: bool = False):
     csv_path = os.path.join(root, csv_name)
     if not os.path.exists(csv_path):
       if csv_name == 'train.csv':
-        raise FileNotFoundError(f'{csv_path}: not found; --input must be the CheXpert-v1.0(-small) '
-                                'folder holding train.csv and valid.csv')
+        raise FileNotFoundError(
+          f'{csv_path}: not found; --input must be the CheXpert-v1.0(-small) '
+          'folder holding train.csv and valid.csv'
+        )
       continue
     for line, row in xc.read_csv(csv_path):
       where = f'{csv_name} line {line}'
@@ -65,8 +64,14 @@ def list_items(root: str, *, frontal_only: bool = False):
       if not os.path.exists(os.path.join(root, rel)):
         rejects.append((rel, 'missing_file', f'{where}: image not found'))
         continue
-      items.append(runner.Item(key=rel, subject=match.group(1), modality='xray',
-                               payload={'labels': labels, 'official': official}))
+      items.append(
+        runner.Item(
+          key=rel,
+          subject=match.group(1),
+          modality='xray',
+          payload={'labels': labels, 'official': official},
+        )
+      )
   for folder in ('train', 'valid'):
     for rel in xc.walk_images(root, folder):
       if rel not in listed:
@@ -81,8 +86,9 @@ def convert(item, subject, options):
 
 
 def build(options: runner.Options) -> int:
-  items, rejects, skipped = list_items(options.input,
-                                       frontal_only=bool(options.extra.get('frontal_only')))
+  items, rejects, skipped = list_items(
+    options.input, frontal_only=bool(options.extra.get('frontal_only'))
+  )
 
   def split_of(item):
     if item.payload['official']:
@@ -91,9 +97,16 @@ def build(options: runner.Options) -> int:
     u = privacy.split_unit(options.seed, DATASET, item.subject)
     return 'val' if u < options.val_fraction else 'train'
 
-  return runner.run(DATASET, items, convert, options, rejects=rejects,
-                    label_names=list(xc.CHEXPERT_LABELS), split_of=split_of,
-                    meta={'skipped_lateral': skipped})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=list(xc.CHEXPERT_LABELS),
+    split_of=split_of,
+    meta={'skipped_lateral': skipped},
+  )
 
 
 if __name__ == '__main__':

@@ -11,9 +11,9 @@ one line per image, ``patient_id filename label [source]``, and the image folder
 the manifest's ``label_names``); lines outside it are ``unknown_label`` rejects. The subject is
 ``source/patient_id`` (patient ids repeat across COVIDx's source collections).
 """
+
 import collections
 import os
-
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -52,8 +52,9 @@ def list_items(root: str):
   for name, split, line, fields in lines:
     where = f'{name} line {line}'
     if len(fields) < 3:
-      rejects.append((where, 'missing_label', f'{where}: expected "patient_id filename label '
-                      '[source]"'))
+      rejects.append(
+        (where, 'missing_label', f'{where}: expected "patient_id filename label [source]"')
+      )
       continue
     patient, filename, label = fields[:3]
     source = fields[3] if len(fields) > 3 else ''
@@ -68,8 +69,14 @@ def list_items(root: str):
     if not os.path.exists(os.path.join(root, rel)):
       rejects.append((rel, 'missing_file', f'{where}: image not found'))
       continue
-    items.append(runner.Item(key=rel, subject=f'{source}/{patient}', modality='xray',
-                             payload={'label': index[label.lower()], 'split': split}))
+    items.append(
+      runner.Item(
+        key=rel,
+        subject=f'{source}/{patient}',
+        modality='xray',
+        payload={'label': index[label.lower()], 'split': split},
+      )
+    )
   for _, split in _SPLIT_FILES:
     for rel in xc.walk_images(root, split):
       if rel not in listed:
@@ -85,8 +92,15 @@ def convert(item, subject, options):
 
 def build(options: runner.Options) -> int:
   items, rejects, names = list_items(options.input)
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=names,
-                    split_of=lambda item: item.payload['split'])
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=names,
+    split_of=lambda item: item.payload['split'],
+  )
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ salted hash of their relative path or series UID (``file-...``, ``series-...``),
 scrubbed of paths, and the subject is the salted hash of PatientID. ``--locate=KEY`` prints (to the
 terminal only) which files a key stands for.
 """
+
 from __future__ import annotations
 
 from data_prep import runner
@@ -35,8 +36,9 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   image = vc.read_series(options.input, files, item.key)
   region = options.extra.get('region', 'chest')
   try:
-    for record, _ in vc.slab_records(image, region=region,
-                                     stride=options.extra.get('slab_stride', 64), where=item.key):
+    for record, _ in vc.slab_records(
+      image, region=region, stride=options.extra.get('slab_stride', 64), where=item.key
+    ):
       yield record
   except Exception as e:  # pylint: disable=broad-except
     raise vc.convert_reject(e, vc.payload_names(options.input, files, item.key)) from None
@@ -45,14 +47,17 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
 def list_items(root: str, salt: bytes, dataset: str = DATASET):
   """Items (one per CT series), listing-time rejects and the safe-name table."""
   series, rejects, names = vc.scan_tree(root, dataset, salt)
-  items = [runner.Item(key=key, subject=subject, modality='ct', payload={'files': files})
-           for key, subject, _, files, _ in series]
+  items = [
+    runner.Item(key=key, subject=subject, modality='ct', payload={'files': files})
+    for key, subject, _, files, _ in series
+  ]
   return items, rejects, names
 
 
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+
   flags = absl_flags.FLAGS
   if flags.region not in REGIONS:
     raise app.UsageError(f'--region={flags.region}: expected one of {REGIONS}')
@@ -62,19 +67,29 @@ def main(argv):
     found = vc.locate(names, options.input, flags.locate)
     print('\n'.join(found) or f'{flags.locate}: no such key')
     return 0
-  return runner.run(DATASET, items, convert, options, rejects=rejects,
-                    meta={'region': flags.region, 'slab_stride': flags.slab_stride})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    meta={'region': flags.region, 'slab_stride': flags.slab_stride},
+  )
 
 
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   vc.define_slab_flags()
   flags.DEFINE_enum('region', 'chest', list(REGIONS), 'Body region of every series (sets organs).')
-  flags.DEFINE_string('locate', None, 'Print the relative paths behind a rejects.jsonl key and exit.')
+  flags.DEFINE_string(
+    'locate', None, 'Print the relative paths behind a rejects.jsonl key and exit.'
+  )
   return flags.FLAGS
 
 
 if __name__ == '__main__':
   from absl import app as _app
+
   define_flags()
   _app.run(main)

@@ -24,6 +24,7 @@ folders patient ids, so items and rejects are named ``file-<salted hash>``, reas
 paths, and ``--locate=KEY`` prints (to the terminal only) which file a key stands for. No header
 field but pixel format, geometry, modality and PatientID (hashed) is ever read.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,15 +45,19 @@ def read_labels(path: str, label_columns=()):
   rows, rejects = {}, []
   table = list(xc.read_csv(path))
   header = set(table[0][1]) if table else set()
-  columns = list(label_columns) or (list(xc.CHEXPERT_LABELS) if
-                                    set(xc.CHEXPERT_LABELS) <= header else [])
+  columns = list(label_columns) or (
+    list(xc.CHEXPERT_LABELS) if set(xc.CHEXPERT_LABELS) <= header else []
+  )
   if 'path' not in header and table:
     raise ValueError(f'{path}: no "path" column (the file path relative to --input)')
   missing = [c for c in columns if c not in header]
   if missing:
     raise ValueError(f'{path}: no column {missing[0]!r} (--label_columns)')
-  classes = None if columns or 'label' not in header else sorted(
-      {(r.get('label') or '').strip() for _, r in table} - {''})
+  classes = (
+    None
+    if columns or 'label' not in header
+    else sorted({(r.get('label') or '').strip() for _, r in table} - {''})
+  )
   name = os.path.basename(path)
   for line, row in table:
     where = f'{name} line {line}'
@@ -67,8 +72,9 @@ def read_labels(path: str, label_columns=()):
       split = (row.get('split') or '').strip()
       if split:
         if split not in _SPLITS:
-          raise runner.Reject('unknown_label', f'{where}: split {split!r} is not one of '
-                              f'{sorted(_SPLITS)}')
+          raise runner.Reject(
+            'unknown_label', f'{where}: split {split!r} is not one of {sorted(_SPLITS)}'
+          )
         payload['split'] = _SPLITS[split]
       if columns:
         payload['labels'] = _multi(row, columns, where)
@@ -95,8 +101,9 @@ def _multi(row, columns, where):
   for name in columns:
     value = row[name].strip()
     if value not in xc.LABEL_VALUES:
-      raise runner.Reject('unknown_label', f'{where}: {name!r} is {value!r}, expected 1, 0, -1 or '
-                          'blank')
+      raise runner.Reject(
+        'unknown_label', f'{where}: {name!r} is {value!r}, expected 1, 0, -1 or blank'
+      )
     out.append(xc.LABEL_VALUES[value])
   return out
 
@@ -105,7 +112,8 @@ def list_items(root: str, salt: bytes, labels: str | None = None, label_columns=
   """Items (one per radiograph), listing rejects (no paths, no UIDs), the safe-name table and the
   label names (None without ``labels``)."""
   from data_prep import ops  # pylint: disable=g-import-not-at-top  # heavy: SimpleITK.
-  rows, rejects, names_out = (read_labels(labels, label_columns) if labels else ({}, [], None))
+
+  rows, rejects, names_out = read_labels(labels, label_columns) if labels else ({}, [], None)
   rels = vc.list_files(root)
   if labels:  # the CSV may sit beside the images: it is no DICOM to reject
     rels = [r for r in rels if os.path.abspath(os.path.join(root, r)) != os.path.abspath(labels)]
@@ -126,8 +134,15 @@ def list_items(root: str, salt: bytes, labels: str | None = None, label_columns=
     if rel not in on_disk:
       path = os.path.join(root, rel)
       kind = 'not_a_file' if os.path.lexists(path) else 'missing_file'
-      rejects.append((key, kind, 'listed in the labels CSV, but no such file under --input'
-                      if kind == 'missing_file' else 'listed in the labels CSV: a directory'))
+      rejects.append(
+        (
+          key,
+          kind,
+          'listed in the labels CSV, but no such file under --input'
+          if kind == 'missing_file'
+          else 'listed in the labels CSV: a directory',
+        )
+      )
       continue
     try:
       header = ops.read_header(os.path.join(root, rel))
@@ -136,21 +151,34 @@ def list_items(root: str, salt: bytes, labels: str | None = None, label_columns=
       rejects.append((key, e.kind, vc.scrub(e.reason, names)))
       continue
     if header.modality not in MODALITIES:
-      rejects.append((key, 'unsupported', f'modality {header.modality or "unknown"}: not a '
-                      f'radiograph ({", ".join(MODALITIES)}); CT series: '
-                      'python -m data_prep.dicom_ct'))
+      rejects.append(
+        (
+          key,
+          'unsupported',
+          f'modality {header.modality or "unknown"}: not a '
+          f'radiograph ({", ".join(MODALITIES)}); CT series: '
+          'python -m data_prep.dicom_ct',
+        )
+      )
       continue
     if not header.subject_id:
       rejects.append((key, 'empty', 'no PatientID: a patient-level split needs one'))
       continue
-    items.append(runner.Item(key=key, subject=header.subject_id, modality='xray',
-                             payload={'file': rel, **(rows.get(rel) or {})}))
+    items.append(
+      runner.Item(
+        key=key,
+        subject=header.subject_id,
+        modality='xray',
+        payload={'file': rel, **(rows.get(rel) or {})},
+      )
+    )
   return items, rejects, names, names_out
 
 
 def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   del subject_hash  # the runner sets 'subject'
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   rel = item.payload['file']
   path = os.path.join(options.input, rel)
   # Reasons name the file: replace it by its key (workers have no salt to rebuild the table).
@@ -158,9 +186,14 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   try:
     pixels, spacing = ops.read_dicom_xray(path)
     pixels = xc.check_pixels(pixels, item.key)
-    yield xc.xray_record(pixels, options, region=options.extra.get('region', 'chest'),
-                         spacing=spacing, label=item.payload.get('label'),
-                         labels=item.payload.get('labels'))
+    yield xc.xray_record(
+      pixels,
+      options,
+      region=options.extra.get('region', 'chest'),
+      spacing=spacing,
+      label=item.payload.get('label'),
+      labels=item.payload.get('labels'),
+    )
   except Exception as e:  # pylint: disable=broad-except  # every failure: one path-free reject
     raise vc.convert_reject(e, names) from None
 
@@ -170,23 +203,38 @@ def build(options: runner.Options) -> int:
   if extra.get('region', 'chest') not in REGIONS:
     raise ValueError(f'--region={extra.get("region")}: expected one of {REGIONS}')
   columns = [c.strip() for c in (extra.get('label_columns') or '').split(',') if c.strip()]
-  items, rejects, names, label_names = list_items(options.input, options.salt,
-                                                  extra.get('labels'), columns)
+  items, rejects, names, label_names = list_items(
+    options.input, options.salt, extra.get('labels'), columns
+  )
   if extra.get('locate'):
-    print('\n'.join(vc.locate(names, options.input, extra['locate'])) or
-          f'{extra["locate"]}: no such key')
+    print(
+      '\n'.join(vc.locate(names, options.input, extra['locate']))
+      or f'{extra["locate"]}: no such key'
+    )
     return 0
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=label_names,
-                    split_of=lambda item: item.payload.get('split'),
-                    meta={'region': extra.get('region', 'chest')})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=label_names,
+    split_of=lambda item: item.payload.get('split'),
+    meta={'region': extra.get('region', 'chest')},
+  )
 
 
 def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   xc.define_xray_flags()
   flags.DEFINE_string('labels', None, 'CSV with a path column and labels (module docstring).')
-  flags.DEFINE_string('label_columns', None, 'Comma-separated multi-label columns of --labels '
-                      '(default: the CheXpert observations when present, else a label column).')
+  flags.DEFINE_string(
+    'label_columns',
+    None,
+    'Comma-separated multi-label columns of --labels '
+    '(default: the CheXpert observations when present, else a label column).',
+  )
   flags.DEFINE_enum('region', 'chest', list(REGIONS), 'Body region of every image (sets organs).')
   flags.DEFINE_string('locate', None, 'Print the file behind a rejects.jsonl key and exit.')
 

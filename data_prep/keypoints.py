@@ -35,6 +35,7 @@ image with {} has nothing visible; [y, x, canonical_y, canonical_x] adds the can
 Problems (unknown image or landmark, coordinates outside the image or NaN, duplicates) are all
 reported in one line naming the file and line, and nothing is written.
 """
+
 import csv
 import json
 import math
@@ -42,8 +43,7 @@ import os
 import sys
 import zlib
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 from PIL import Image
 
@@ -57,8 +57,9 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Only when run as a command: data_prep modules share names such as --input."""
   flags.DEFINE_string('input', None, 'Shard root holding the images.', required=True)
-  flags.DEFINE_string('output', None, 'export: annotation folder; import: new shard root.',
-                      required=True)
+  flags.DEFINE_string(
+    'output', None, 'export: annotation folder; import: new shard root.', required=True
+  )
   flags.DEFINE_string('modality', 'xray', 'export: modality to export.')
   flags.DEFINE_string('split', 'train', 'export: split to export from.')
   flags.DEFINE_integer('count', 200, 'export: number of images (a seeded random subset).')
@@ -99,8 +100,16 @@ def export(input_root, output, modality, split, count, seed=0, ct_window='abdome
     image = source[i]['image']
     name = f'{modality}_{split}_{i:06d}.png'
     Image.fromarray(to_png(image, modality, ct_window)).save(os.path.join(output, 'images', name))
-    rows.append({'image': name, 'split': split, 'modality': modality, 'index': i,
-                 'height': image.shape[0], 'width': image.shape[1]})
+    rows.append(
+      {
+        'image': name,
+        'split': split,
+        'modality': modality,
+        'index': i,
+        'height': image.shape[0],
+        'width': image.shape[1],
+      }
+    )
   index_path = os.path.join(output, INDEX_FILE)
   old = _read_index(index_path) if os.path.exists(index_path) else {}
   old.update({r['image']: r for r in rows})
@@ -113,8 +122,15 @@ def export(input_root, output, modality, split, count, seed=0, ct_window='abdome
 
 def _read_index(path):
   with open(path, newline='', encoding='utf-8') as f:
-    return {r['image']: {**r, 'index': int(r['index']), 'height': int(r['height']),
-                         'width': int(r['width'])} for r in csv.DictReader(f)}
+    return {
+      r['image']: {
+        **r,
+        'index': int(r['index']),
+        'height': int(r['height']),
+        'width': int(r['width']),
+      }
+      for r in csv.DictReader(f)
+    }
 
 
 def _num(text):
@@ -166,7 +182,9 @@ def read_annotations(path, index):
           v = [_num(t) for t in v]
           assert len(v) in (2, 4)
         except (TypeError, ValueError, AssertionError):
-          problems.append(f'{path} image {image!r}: {name} needs [y, x] or [y, x, cy, cx], got {v!r}')
+          problems.append(
+            f'{path} image {image!r}: {name} needs [y, x] or [y, x, cy, cx], got {v!r}'
+          )
           continue
         add(f'{path} image {image!r}', image, name, v[0], v[1], tuple(v[2:]) or None)
   else:
@@ -174,8 +192,10 @@ def read_annotations(path, index):
       reader = csv.DictReader(f)
       missing = {'image', 'landmark', 'y', 'x'} - set(reader.fieldnames or ())
       if missing:
-        raise ValueError(f'{path}: header lacks {sorted(missing)} (image,landmark,y,x[,visible]'
-                         '[,canonical_y,canonical_x])')
+        raise ValueError(
+          f'{path}: header lacks {sorted(missing)} (image,landmark,y,x[,visible]'
+          '[,canonical_y,canonical_x])'
+        )
       for line, row in enumerate(reader, start=2):
         where = f'{path}:{line}'
         name = (row['landmark'] or '').strip()
@@ -239,26 +259,37 @@ def import_annotations(input_root, output, annotations, index_path=None, seed=0,
   counts = {}
   for split, by_modality in records.items():
     if by_modality:
-      manifest = shards.write_split(output, split, by_modality, seed=seed,
-                                    meta={'keypoints': os.path.basename(annotations)})
+      manifest = shards.write_split(
+        output, split, by_modality, seed=seed, meta={'keypoints': os.path.basename(annotations)}
+      )
       counts[split] = {m: e['count'] for m, e in manifest['modalities'].items()}
   return counts
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ('export', 'import'):
-    raise app.UsageError('usage: python -m data_prep.keypoints {export,import} --input=... '
-                         '--output=... (see the module docstring)')
+    raise app.UsageError(
+      'usage: python -m data_prep.keypoints {export,import} --input=... '
+      '--output=... (see the module docstring)'
+    )
   try:
     if argv[1] == 'export':
-      names = export(FLAGS.input, FLAGS.output, FLAGS.modality, FLAGS.split, FLAGS.count,
-                     FLAGS.seed, FLAGS.ct_window)
+      names = export(
+        FLAGS.input,
+        FLAGS.output,
+        FLAGS.modality,
+        FLAGS.split,
+        FLAGS.count,
+        FLAGS.seed,
+        FLAGS.ct_window,
+      )
       print(f'{len(names)} images in {FLAGS.output}/images; index {FLAGS.output}/{INDEX_FILE}')
     else:
       if not FLAGS.annotations:
         raise ValueError('--annotations: required for import (a .csv or .json keypoint file)')
-      counts = import_annotations(FLAGS.input, FLAGS.output, FLAGS.annotations, FLAGS.index,
-                                  FLAGS.seed, FLAGS.test_fraction)
+      counts = import_annotations(
+        FLAGS.input, FLAGS.output, FLAGS.annotations, FLAGS.index, FLAGS.seed, FLAGS.test_fraction
+      )
       print(f'annotated records written to {FLAGS.output}: {counts}')
   except (ValueError, OSError, KeyError, shards.ShardError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

@@ -26,6 +26,7 @@ Privacy as ``data_prep.dicom_ct``: keys are salted hashes (``series-...``, ``fil
 the hashed PatientID. A CT series without XML is ``missing_label``; one without any decided nodule is
 ``empty``; non-CT series (the collection's radiographs) are ``unsupported``.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,13 +73,19 @@ def parse_xml(path: str):
       for roi in nodule.iter('roi'):
         try:
           z = float(roi.findtext('imageZposition'))
-          points = [(float(e.findtext('xCoord')), float(e.findtext('yCoord')))
-                    for e in roi.iter('edgeMap')]
+          points = [
+            (float(e.findtext('xCoord')), float(e.findtext('yCoord'))) for e in roi.iter('edgeMap')
+          ]
         except (TypeError, ValueError):
           raise ValueError('an roi lacks a numeric imageZposition or edgeMap coordinate') from None
         if points:
-          rois.append({'z': z, 'inclusion': (roi.findtext('inclusion') or 'TRUE').strip().upper()
-                       == 'TRUE', 'points': points})
+          rois.append(
+            {
+              'z': z,
+              'inclusion': (roi.findtext('inclusion') or 'TRUE').strip().upper() == 'TRUE',
+              'points': points,
+            }
+          )
       if rois:
         marks.append({'reader': reader, 'malignancy': int(text), 'rois': rois})
   return uid, marks
@@ -89,8 +96,11 @@ def _to_world(headers, z: float, points) -> np.ndarray:
   h = min(headers, key=lambda h: abs(h.position[2] - z))
   row_dir, col_dir = np.array(h.orientation[:3]), np.array(h.orientation[3:])
   pts = np.asarray(points, np.float64)
-  return (np.asarray(h.position) + pts[:, :1] * h.pixel_spacing[1] * row_dir
-          + pts[:, 1:] * h.pixel_spacing[0] * col_dir)
+  return (
+    np.asarray(h.position)
+    + pts[:, :1] * h.pixel_spacing[1] * row_dir
+    + pts[:, 1:] * h.pixel_spacing[0] * col_dir
+  )
 
 
 def cluster_marks(marks, headers, *, cluster_mm: float):
@@ -98,8 +108,9 @@ def cluster_marks(marks, headers, *, cluster_mm: float):
   for m in marks:
     for roi in m['rois']:
       roi['world'] = _to_world(headers, roi['z'], roi['points']).tolist()
-    included = [p for roi in m['rois'] if roi['inclusion'] for p in roi['world']] or \
-        [p for roi in m['rois'] for p in roi['world']]
+    included = [p for roi in m['rois'] if roi['inclusion'] for p in roi['world']] or [
+      p for roi in m['rois'] for p in roi['world']
+    ]
     m['centre'] = np.mean(included, axis=0).tolist()
   parent = list(range(len(marks)))
 
@@ -134,10 +145,19 @@ def consensus(groups, *, threes: str = 'drop', min_readers: int = 1):
       label = int(threes == 'malignant')
     else:
       label = int(median > 3)
-    marks = [{'rois': [{'inclusion': r['inclusion'], 'world': r['world']} for r in m['rois']]}
-             for m in group]
-    nodules.append({'centre': np.mean([m['centre'] for m in group], axis=0).tolist(),
-                    'label': label, 'malignancy': median, 'readers': readers, 'marks': marks})
+    marks = [
+      {'rois': [{'inclusion': r['inclusion'], 'world': r['world']} for r in m['rois']]}
+      for m in group
+    ]
+    nodules.append(
+      {
+        'centre': np.mean([m['centre'] for m in group], axis=0).tolist(),
+        'label': label,
+        'malignancy': median,
+        'readers': readers,
+        'marks': marks,
+      }
+    )
   return nodules, dropped
 
 
@@ -163,21 +183,30 @@ def list_items(root: str, salt: bytes, *, cluster_mm=10.0, threes='drop', min_re
     try:
       groups = cluster_marks(readings[uid], headers, cluster_mm=cluster_mm)
     except (TypeError, ValueError) as e:  # a slice without position/orientation/spacing
-      rejects.append((key, 'geometry', f'cannot place the readers\' marks ({type(e).__name__})'))
+      rejects.append((key, 'geometry', f"cannot place the readers' marks ({type(e).__name__})"))
       continue
     nodules, dropped = consensus(groups, threes=threes, min_readers=min_readers)
     if not nodules:
-      rejects.append((key, 'empty', f'no nodule with a decided malignancy ({len(groups)} nodule(s), '
-                      f'{dropped} indeterminate)'))
+      rejects.append(
+        (
+          key,
+          'empty',
+          f'no nodule with a decided malignancy ({len(groups)} nodule(s), {dropped} indeterminate)',
+        )
+      )
       continue
-    items.append(runner.Item(key=key, subject=subject, modality='ct',
-                             payload={'files': files, 'nodules': nodules}))
+    items.append(
+      runner.Item(
+        key=key, subject=subject, modality='ct', payload={'files': files, 'nodules': nodules}
+      )
+    )
   return items, rejects, names
 
 
 def crop_grid(centre, crop: int):
   """The 1 mm LPI grid of a (crop, crop, 64) slab whose voxel (crop/2, crop/2, 32) is ``centre``."""
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   cx, cy, cz = centre
   origin = (cx - crop // 2, cy - crop // 2, cz + SLAB // 2)  # slices run toward inferior (-z)
   return ops.Grid(tuple(float(v) for v in origin), (1.0, 1.0, 1.0), (crop, crop, SLAB))
@@ -186,6 +215,7 @@ def crop_grid(centre, crop: int):
 def consensus_mask(nodule, grid) -> np.ndarray:
   """uint8 (crop, crop): pixels inside at least half of the marks' outlines on the centre slice."""
   from skimage import draw  # pylint: disable=g-import-not-at-top
+
   size = grid.size[1], grid.size[0]
   votes = np.zeros(size, np.int32)
   cz = nodule['centre'][2]
@@ -213,7 +243,9 @@ def consensus_mask(nodule, grid) -> np.ndarray:
 def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   del subject_hash
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   files = item.payload['files']
   image = vc.read_series(options.input, files, item.key)
   crop = options.extra.get('crop', 64)
@@ -222,11 +254,19 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
     for nodule in item.payload['nodules']:
       grid = crop_grid(nodule['centre'], crop)
       # A copy, not a view: a view of the temporary resampled image reads freed memory.
-      hu = ops.to_hu(sitk.GetArrayFromImage(
-          ops.resample(image, grid=grid, default=ops.HU_RANGE[0])))
-      records.append({'image': np.ascontiguousarray(hu.transpose(1, 2, 0)), 'modality': 'ct',
-                      'region': 'chest', 'spacing': np.ones(3, np.float32),
-                      'mask': consensus_mask(nodule, grid), 'label': np.array(nodule['label'], np.int32)})
+      hu = ops.to_hu(
+        sitk.GetArrayFromImage(ops.resample(image, grid=grid, default=ops.HU_RANGE[0]))
+      )
+      records.append(
+        {
+          'image': np.ascontiguousarray(hu.transpose(1, 2, 0)),
+          'modality': 'ct',
+          'region': 'chest',
+          'spacing': np.ones(3, np.float32),
+          'mask': consensus_mask(nodule, grid),
+          'label': np.array(nodule['label'], np.int32),
+        }
+      )
   except Exception as e:  # pylint: disable=broad-except
     raise vc.convert_reject(e, vc.payload_names(options.input, files, item.key)) from None
   return records
@@ -234,30 +274,45 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
 
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if f.crop < 8 or f.cluster_mm <= 0 or f.min_readers < 1:
     raise app.UsageError('--crop >= 8, --cluster_mm > 0 and --min_readers >= 1 are required')
-  extra = {'crop': f.crop, 'cluster_mm': f.cluster_mm, 'threes': f.threes,
-           'min_readers': f.min_readers}
+  extra = {
+    'crop': f.crop,
+    'cluster_mm': f.cluster_mm,
+    'threes': f.threes,
+    'min_readers': f.min_readers,
+  }
   options = runner.options_from_flags(**extra)
-  items, rejects, names = list_items(options.input, options.salt, cluster_mm=f.cluster_mm,
-                                     threes=f.threes, min_readers=f.min_readers)
+  items, rejects, names = list_items(
+    options.input, options.salt, cluster_mm=f.cluster_mm, threes=f.threes, min_readers=f.min_readers
+  )
   if f.locate:
     print('\n'.join(vc.locate(names, options.input, f.locate)) or f'{f.locate}: no such key')
     return 0
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
-                    meta=extra)
+  return runner.run(
+    DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES, meta=extra
+  )
 
 
 if __name__ == '__main__':
-  from absl import app as _app, flags as _flags
+  from absl import app as _app
+  from absl import flags as _flags
+
   runner.define_flags()
   _flags.DEFINE_float('cluster_mm', 10.0, 'Marks closer than this (mm) are one nodule.')
-  _flags.DEFINE_enum('threes', 'drop', ['drop', 'benign', 'malignant'],
-                     'What a median malignancy of exactly 3 becomes.')
+  _flags.DEFINE_enum(
+    'threes',
+    'drop',
+    ['drop', 'benign', 'malignant'],
+    'What a median malignancy of exactly 3 becomes.',
+  )
   _flags.DEFINE_integer('min_readers', 1, 'Drop nodules marked by fewer readers.')
   _flags.DEFINE_integer('crop', 64, 'In-plane crop size in pixels (1 mm each).')
-  _flags.DEFINE_string('locate', None, 'Print the relative paths behind a rejects.jsonl key and exit.')
+  _flags.DEFINE_string(
+    'locate', None, 'Print the relative paths behind a rejects.jsonl key and exit.'
+  )
   _app.run(main)

@@ -20,6 +20,7 @@ volume's geometry, one stored in another orientation of the same voxels is turne
 size mismatch, labels outside {0, 1, 2}, or a missing segmentation reject the case too. Subject:
 ``volume-N``.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,14 @@ def list_items(root: str):
     if n not in segs:
       rejects.append((rel, 'missing_label', f'no segmentation-{n}.nii[.gz] under --input'))
       continue
-    items.append(runner.Item(key=rel, subject=f'volume-{n}', modality='ct',
-                             payload={'volume': rel, 'segmentation': segs[n]}))
+    items.append(
+      runner.Item(
+        key=rel,
+        subject=f'volume-{n}',
+        modality='ct',
+        payload={'volume': rel, 'segmentation': segs[n]},
+      )
+    )
   for n, rel in sorted(segs.items()):
     if n not in volumes:
       rejects.append((rel, 'missing_file', f'no volume-{n}.nii[.gz] for this segmentation'))
@@ -66,18 +73,26 @@ def list_items(root: str):
 def read_case(root: str, payload: dict):
   """(HU volume, uint8 segmentation on the volume's grid); PrepError / Reject otherwise."""
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   image = ops.read_volume(os.path.join(root, payload['volume']))
   seg_path = os.path.join(root, payload['segmentation'])
   seg = ops.read_volume(seg_path)
   if seg.GetSize() != image.GetSize():
-    raise runner.Reject('dimensions', f'{payload["segmentation"]}: size {seg.GetSize()} differs from '
-                        f'the volume\'s {image.GetSize()}')
+    raise runner.Reject(
+      'dimensions',
+      f'{payload["segmentation"]}: size {seg.GetSize()} differs from '
+      f"the volume's {image.GetSize()}",
+    )
   values = sitk.GetArrayViewFromImage(seg)
   labels = np.unique(values)
   if not np.isin(labels, (0, 1, 2)).all():
-    raise runner.Reject('unknown_label', f'{payload["segmentation"]}: labels '
-                        f'{sorted(labels.tolist())[:6]}, expected 0 background / 1 liver / 2 tumour')
+    raise runner.Reject(
+      'unknown_label',
+      f'{payload["segmentation"]}: labels '
+      f'{sorted(labels.tolist())[:6]}, expected 0 background / 1 liver / 2 tumour',
+    )
   # Drawn on the volume's voxels: a header off by rounding is replaced, a mask stored in another
   # orientation is turned onto the volume's grid, and one on other voxels is a geometry reject.
   seg = ops.align_to(sitk.Cast(seg, sitk.sitkUInt8), image, payload['segmentation'])
@@ -89,8 +104,9 @@ def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   records = []
   try:
     image, seg = read_case(options.input, item.payload)
-    for record, slab in vc.slab_records(image, region='abdomen', mask=seg, where=item.key,
-                                        stride=options.extra.get('slab_stride', 64)):
+    for record, slab in vc.slab_records(
+      image, region='abdomen', mask=seg, where=item.key, stride=options.extra.get('slab_stride', 64)
+    ):
       record['mask'] = np.ascontiguousarray(slab.mask[:, :, MIDDLE])
       record['label'] = np.array((slab.mask == 2).any(), np.int32)
       records.append(record)
@@ -103,12 +119,19 @@ def main(argv):
   options = vc.slab_options(argv)
   stride = options.extra['slab_stride']
   items, rejects = list_items(options.input)
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
-                    meta={'slab_stride': stride, 'mask_values': {'0': 'background', '1': 'liver',
-                                                                 '2': 'tumour'}})
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=LABEL_NAMES,
+    meta={'slab_stride': stride, 'mask_values': {'0': 'background', '1': 'liver', '2': 'tumour'}},
+  )
 
 
 if __name__ == '__main__':
   from absl import app as _app
+
   vc.define_slab_flags()
   _app.run(main)

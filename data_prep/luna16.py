@@ -16,6 +16,7 @@ File names are SeriesInstanceUIDs (DICOM identifiers), so keys are ``subsetK/ser
 and error messages are scrubbed. The subject is the series UID, hashed: LUNA16 ships no patient id,
 so the few patients with two scans may fall in two splits (document-level limitation of the release).
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,7 +41,9 @@ def find_annotations(root: str) -> str:
     dirs.sort()
     if 'annotations.csv' in names:
       return os.path.join(folder, 'annotations.csv')
-  raise ValueError(f'--input={root}: no annotations.csv (LUNA16 layout: subset0..9/ + annotations.csv)')
+  raise ValueError(
+    f'--input={root}: no annotations.csv (LUNA16 layout: subset0..9/ + annotations.csv)'
+  )
 
 
 def read_annotations(path: str):
@@ -80,16 +83,24 @@ def list_items(root: str, salt: bytes):
       rejects.append((key, 'duplicate', f'the same series is also under {seen[uid]}'))
       continue
     seen[uid] = key
-    items.append(runner.Item(key=key, subject=uid, modality='ct',
-                             payload={'mhd': rel, 'nodules': nodules.get(uid, [])}))
+    items.append(
+      runner.Item(
+        key=key, subject=uid, modality='ct', payload={'mhd': rel, 'nodules': nodules.get(uid, [])}
+      )
+    )
   unmatched = sorted(set(nodules) - set(seen))
-  return items, rejects, names, {'annotated_series_missing': len(unmatched),
-                                 'nodules': sum(len(v) for v in nodules.values())}
+  return (
+    items,
+    rejects,
+    names,
+    {'annotated_series_missing': len(unmatched), 'nodules': sum(len(v) for v in nodules.values())},
+  )
 
 
 def nodule_mask(image, nodules):
   """uint8 volume on ``image``'s grid: 1 inside each sphere (x, y, z, diameter) given in LPS mm."""
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
   size = np.array(image.GetSize())
   spacing = np.array(image.GetSpacing())
   origin = np.array(image.GetOrigin())
@@ -106,7 +117,7 @@ def nodule_mask(image, nodules):
     idx = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing='ij'), -1)
     points = origin + (idx * spacing) @ direction.T
     inside = np.linalg.norm(points - (x, y, z), axis=-1) <= r
-    mask[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] |= inside.transpose(2, 1, 0)
+    mask[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] |= inside.transpose(2, 1, 0)
   out = sitk.GetImageFromArray(mask)
   out.CopyInformation(image)
   return out
@@ -115,20 +126,30 @@ def nodule_mask(image, nodules):
 def convert(item: runner.Item, subject_hash: str, options: runner.Options):
   del subject_hash
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   rel = item.payload['mhd']
   path = os.path.join(options.input, rel)
   uid = os.path.basename(rel)[:-4]
-  names = {path: item.key, rel: item.key, path[:-4] + '.raw': item.key + '.raw', uid: item.key,
-           options.input: '<input>'}
+  names = {
+    path: item.key,
+    rel: item.key,
+    path[:-4] + '.raw': item.key + '.raw',
+    uid: item.key,
+    options.input: '<input>',
+  }
   try:
     image = ops.read_volume(path)
     nodules = item.payload['nodules']
     mask = nodule_mask(image, nodules) if nodules else None
     records = []
-    for record, slab in vc.slab_records(image, region='chest', mask=mask, where=item.key,
-                                        stride=options.extra.get('slab_stride', 64)):
-      footprint = slab.mask.max(axis=2) if slab.mask is not None else \
-          np.zeros(record['image'].shape[:2], np.uint8)
+    for record, slab in vc.slab_records(
+      image, region='chest', mask=mask, where=item.key, stride=options.extra.get('slab_stride', 64)
+    ):
+      footprint = (
+        slab.mask.max(axis=2)
+        if slab.mask is not None
+        else np.zeros(record['image'].shape[:2], np.uint8)
+      )
       record['mask'] = footprint
       record['label'] = np.array(footprint.any(), np.int32)
       records.append(record)
@@ -146,15 +167,26 @@ def main(argv):
     items, rejects, _, summary = list_items(options.input, options.salt)
   except ValueError as e:
     from absl import app  # pylint: disable=g-import-not-at-top
+
     raise app.UsageError(str(e)) from None
   if summary['annotated_series_missing']:
-    print(f'luna16: {summary["annotated_series_missing"]} annotated series are not under --input '
-          '(a partial download?); their nodules are ignored')
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=LABEL_NAMES,
-                    meta={'slab_stride': stride, **summary})
+    print(
+      f'luna16: {summary["annotated_series_missing"]} annotated series are not under --input '
+      '(a partial download?); their nodules are ignored'
+    )
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=LABEL_NAMES,
+    meta={'slab_stride': stride, **summary},
+  )
 
 
 if __name__ == '__main__':
   from absl import app as _app
+
   vc.define_slab_flags()
   _app.run(main)

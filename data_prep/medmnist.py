@@ -17,6 +17,7 @@ Those files are listed in ``rejects.jsonl`` as ``unsupported`` with this reason.
 MedMNIST publishes no patient ids: each image is its own subject, and the official splits (made
 patient-level by the MedMNIST authors) are kept. ``--image_size`` defaults to the file's own size.
 """
+
 import functools
 import os
 import re
@@ -29,23 +30,41 @@ from data_prep import xray_common as xc
 
 DATASET = 'medmnist'
 SUBSETS = {
-    'chestmnist': ('atelectasis', 'cardiomegaly', 'effusion', 'infiltration', 'mass', 'nodule',
-                   'pneumonia', 'pneumothorax', 'consolidation', 'edema', 'emphysema', 'fibrosis',
-                   'pleural', 'hernia'),
-    'pneumoniamnist': ('normal', 'pneumonia'),
+  'chestmnist': (
+    'atelectasis',
+    'cardiomegaly',
+    'effusion',
+    'infiltration',
+    'mass',
+    'nodule',
+    'pneumonia',
+    'pneumothorax',
+    'consolidation',
+    'edema',
+    'emphysema',
+    'fibrosis',
+    'pleural',
+    'hernia',
+  ),
+  'pneumoniamnist': ('normal', 'pneumonia'),
 }
 _NAME = re.compile(r'^([a-z]+mnist(?:3d)?)(?:_(\d+))?\.npz$')
 _SPLITS = ('train', 'val', 'test')
-_UNSUPPORTED = ('not a radiograph subset: MedMNIST 2D CT (organ*) is single uint8-windowed slices, '
-                'the others are not CT/MRI/X-ray (see data_prep/medmnist.py)')
+_UNSUPPORTED = (
+  'not a radiograph subset: MedMNIST 2D CT (organ*) is single uint8-windowed slices, '
+  'the others are not CT/MRI/X-ray (see data_prep/medmnist.py)'
+)
 
 
 def _member_header(zf: zipfile.ZipFile, key: str):
   """Shape and dtype of one array in an npz without decompressing it all."""
   with zf.open(key + '.npy') as f:
     version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
+    read = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, _, dtype = read(f)
   return shape, dtype
 
@@ -67,12 +86,16 @@ def _check_file(path: str, subset: str):
       lshape, _ = _member_header(zf, f'{split}_labels')
       grey = len(ishape) == 3 or (len(ishape) == 4 and ishape[3] == 1)
       if not grey or idtype.kind not in 'uif':
-        raise runner.Reject('dimensions', f'{split}_images is {idtype} {ishape}; expected grey '
-                            '(N, S, S) images')
+        raise runner.Reject(
+          'dimensions', f'{split}_images is {idtype} {ishape}; expected grey (N, S, S) images'
+        )
       width = len(SUBSETS[subset]) if subset == 'chestmnist' else 1
       if len(lshape) != 2 or lshape[0] != ishape[0] or lshape[1] != width:
-        raise runner.Reject('dimensions', f'{split}_labels is {lshape}; expected ({ishape[0]}, '
-                            f'{width}) for {split}_images {ishape}')
+        raise runner.Reject(
+          'dimensions',
+          f'{split}_labels is {lshape}; expected ({ishape[0]}, '
+          f'{width}) for {split}_images {ishape}',
+        )
       counts[split] = int(ishape[0])
   return counts
 
@@ -107,10 +130,17 @@ def list_items(root: str):
         if not np.isin(row, (0, 1)).all():
           rejects.append((key, 'unknown_label', f'label {row.tolist()} is not 0/1'))
           continue
-        label = ({'labels': row.astype(int).tolist()} if subset == 'chestmnist'
-                 else {'label': int(row[0])})
-        items.append(runner.Item(key=key, subject=key, modality='xray',
-                                 payload={'file': name, 'split': split, 'index': i, **label}))
+        label = (
+          {'labels': row.astype(int).tolist()} if subset == 'chestmnist' else {'label': int(row[0])}
+        )
+        items.append(
+          runner.Item(
+            key=key,
+            subject=key,
+            modality='xray',
+            payload={'file': name, 'split': split, 'index': i, **label},
+          )
+        )
   if not names and not rejects:
     raise FileNotFoundError(f'{root}: no <name>mnist[_size].npz files')
   if len(names) > 1:
@@ -137,8 +167,15 @@ def convert(item, subject, options):
 
 def build(options: runner.Options) -> int:
   items, rejects, names = list_items(options.input)
-  return runner.run(DATASET, items, convert, options, rejects=rejects, label_names=names,
-                    split_of=lambda item: item.payload['split'])
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=names,
+    split_of=lambda item: item.payload['split'],
+  )
 
 
 if __name__ == '__main__':

@@ -10,8 +10,8 @@ study's row of the chexpert table (CheXpert labeller, same 14 observations and v
 ``ViewPosition`` from the metadata table drives ``--frontal_only``. Dates and the other metadata
 columns are never read into an item.
 """
-import os
 
+import os
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -24,8 +24,9 @@ _FRONTAL = ('PA', 'AP')
 def _table(root, stem):
   path = xc.find_csv(root, f'mimic-cxr-2.0.0-{stem}.csv')
   if path is None:
-    raise FileNotFoundError(f'{root}/mimic-cxr-2.0.0-{stem}.csv(.gz): not found (MIMIC-CXR-JPG '
-                            'ships it beside files/)')
+    raise FileNotFoundError(
+      f'{root}/mimic-cxr-2.0.0-{stem}.csv(.gz): not found (MIMIC-CXR-JPG ships it beside files/)'
+    )
   return path
 
 
@@ -50,8 +51,9 @@ def list_items(root: str, *, frontal_only: bool = False):
   items, rejects, listed, skipped = [], [], set(), 0
   for line, row in xc.read_csv(_table(root, 'split')):
     where = f'split.csv line {line}'
-    dicom, study, subject = (str(row.get(k) or '').strip() for k in
-                             ('dicom_id', 'study_id', 'subject_id'))
+    dicom, study, subject = (
+      str(row.get(k) or '').strip() for k in ('dicom_id', 'study_id', 'subject_id')
+    )
     if not (dicom and study and subject.isdigit()):
       rejects.append((where, 'missing_label', f'{where}: dicom_id, study_id or subject_id missing'))
       continue
@@ -62,8 +64,13 @@ def list_items(root: str, *, frontal_only: bool = False):
     listed.add(rel)
     split = _SPLITS.get((row.get('split') or '').strip())
     if split is None:
-      rejects.append((rel, 'unknown_label', f'{where}: split {row.get("split")!r} is not one of '
-                      f'{sorted(_SPLITS)}'))
+      rejects.append(
+        (
+          rel,
+          'unknown_label',
+          f'{where}: split {row.get("split")!r} is not one of {sorted(_SPLITS)}',
+        )
+      )
       continue
     if study in label_rejects:
       rejects.append((rel, *label_rejects[study]))
@@ -80,8 +87,14 @@ def list_items(root: str, *, frontal_only: bool = False):
     if not os.path.exists(os.path.join(root, rel)):
       rejects.append((rel, 'missing_file', f'{where}: image not found'))
       continue
-    items.append(runner.Item(key=rel, subject=subject, modality='xray',
-                             payload={'labels': labels_of[study], 'split': split}))
+    items.append(
+      runner.Item(
+        key=rel,
+        subject=subject,
+        modality='xray',
+        payload={'labels': labels_of[study], 'split': split},
+      )
+    )
   for rel in xc.walk_images(root, 'files'):
     if rel not in listed:
       rejects.append((rel, 'missing_label', 'image has no row in split.csv'))
@@ -95,12 +108,19 @@ def convert(item, subject, options):
 
 
 def build(options: runner.Options) -> int:
-  items, rejects, skipped = list_items(options.input,
-                                       frontal_only=bool(options.extra.get('frontal_only')))
-  return runner.run(DATASET, items, convert, options, rejects=rejects,
-                    label_names=list(xc.CHEXPERT_LABELS),
-                    split_of=lambda item: item.payload['split'],
-                    meta={'skipped_not_frontal': skipped})
+  items, rejects, skipped = list_items(
+    options.input, frontal_only=bool(options.extra.get('frontal_only'))
+  )
+  return runner.run(
+    DATASET,
+    items,
+    convert,
+    options,
+    rejects=rejects,
+    label_names=list(xc.CHEXPERT_LABELS),
+    split_of=lambda item: item.payload['split'],
+    meta={'skipped_not_frontal': skipped},
+  )
 
 
 if __name__ == '__main__':

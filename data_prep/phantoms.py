@@ -5,12 +5,10 @@ r"""Writes the synthetic phantom dataset (CT, X-ray, MRI) as ArrayRecord shards.
 Counts are per modality. About 10 s for the command above on 2 CPU cores; re-running with the same
 settings returns at once (the manifest records them), changed settings rewrite the affected splits.
 """
-from absl import app
-from absl import flags
-from absl import logging
 
-from aacp_jax.data import phantoms
-from aacp_jax.data import shards
+from absl import app, flags, logging
+
+from aacp_jax.data import phantoms, shards
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Dataset root (ROOT/<split>/...).', required=True)
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 64, 'Stored height and width in pixels.')
@@ -31,15 +29,21 @@ def main(argv):
     raise app.UsageError(f'--image_size={_IMAGE_SIZE.value} is too small (>= 8)')
   sizes = {'train': _TRAIN.value, 'val': _VAL.value, 'test': _TEST.value}
   counts = {split: {m: n for m in _MODALITIES.value} for split, n in sizes.items() if n > 0}
-  root = phantoms.build(_OUTPUT.value, seed=_SEED.value, image_size=_IMAGE_SIZE.value,
-                        counts=counts)
+  root = phantoms.build(
+    _OUTPUT.value, seed=_SEED.value, image_size=_IMAGE_SIZE.value, counts=counts
+  )
   for split in counts:
     manifest = shards.read_manifest(root, split)
-    summary = {m: (e['count'], len(e['files']), e['label_counts'])
-               for m, e in manifest['modalities'].items()}
+    summary = {
+      m: (e['count'], len(e['files']), e['label_counts']) for m, e in manifest['modalities'].items()
+    }
     logging.info('%s/%s: %s (records, shards, label counts)', root, split, summary)
-    print(f'{root}/{split}: ' + ', '.join(f'{m} {c} records in {s} shard(s), labels {lc}'
-                                         for m, (c, s, lc) in summary.items()))
+    print(
+      f'{root}/{split}: '
+      + ', '.join(
+        f'{m} {c} records in {s} shard(s), labels {lc}' for m, (c, s, lc) in summary.items()
+      )
+    )
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ an HMAC keyed with a secret salt cannot, as long as the salt stays with the data
 comes from the command line or a file, is never written anywhere, and the manifest carries only a
 slow fingerprint of it: enough to tell whether two runs used the same salt, too costly to search.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,10 @@ _FINGERPRINT_ROUNDS = 200_000
 def load_salt(salt: str | None = None, salt_file: str | None = None) -> bytes:
   """The salt from ``salt`` or the first line of ``salt_file`` (exactly one of them), as bytes."""
   if bool(salt) == bool(salt_file):
-    raise ValueError('give exactly one of --salt or --salt_file (a secret of >= 16 characters '
-                     'kept with the raw data; subjects are hashed with it)')
+    raise ValueError(
+      'give exactly one of --salt or --salt_file (a secret of >= 16 characters '
+      'kept with the raw data; subjects are hashed with it)'
+    )
   if salt_file:
     try:
       with open(salt_file, 'rb') as f:
@@ -50,7 +53,9 @@ def subject_hash(salt: bytes, dataset: str, raw_id: str) -> str:
 
 def salt_fingerprint(salt: bytes) -> str:
   """A slow (PBKDF2) one-way fingerprint of the salt for the manifest; 16 hex characters."""
-  return hashlib.pbkdf2_hmac('sha256', salt, b'aacp-salt-fingerprint', _FINGERPRINT_ROUNDS).hex()[:16]
+  return hashlib.pbkdf2_hmac('sha256', salt, b'aacp-salt-fingerprint', _FINGERPRINT_ROUNDS).hex()[
+    :16
+  ]
 
 
 def split_unit(seed: int, dataset: str, raw_id: str) -> float:

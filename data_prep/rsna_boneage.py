@@ -9,9 +9,9 @@ r"""RSNA Pediatric Bone Age (RSNA 2017 challenge) hand radiographs -> X-ray shar
 subject is the image id and train/val/test is the seeded patient-level hash split. The
 ``male`` column is checked but not stored (the record schema has no covariate slot).
 """
+
 import math
 import os
-
 
 from data_prep import runner
 from data_prep import xray_common as xc
@@ -49,14 +49,21 @@ def list_items(root: str):
       months = math.nan
     male = (row.get('male') or '').strip().lower()
     if not (math.isfinite(months) and 0 <= months <= 300) or male not in ('true', 'false'):
-      rejects.append((rel, 'unknown_label', f'{where}: boneage {row.get("boneage")!r} (months, '
-                      f'0..300) or male {row.get("male")!r} (True/False) invalid'))
+      rejects.append(
+        (
+          rel,
+          'unknown_label',
+          f'{where}: boneage {row.get("boneage")!r} (months, '
+          f'0..300) or male {row.get("male")!r} (True/False) invalid',
+        )
+      )
       continue
     if not os.path.exists(os.path.join(root, rel)):
       rejects.append((rel, 'missing_file', f'{where}: image not found'))
       continue
-    items.append(runner.Item(key=rel, subject=image_id, modality='xray',
-                             payload={'target': months}))
+    items.append(
+      runner.Item(key=rel, subject=image_id, modality='xray', payload={'target': months})
+    )
   for rel in xc.walk_images(root, FOLDER):
     if rel not in listed:
       rejects.append((rel, 'missing_label', f'image has no row in {CSV}'))
@@ -71,8 +78,9 @@ def convert(item, subject, options):
 
 def build(options: runner.Options) -> int:
   items, rejects = list_items(options.input)
-  return runner.run(DATASET, items, convert, options, rejects=rejects,
-                    meta={'target': 'bone age, months'})
+  return runner.run(
+    DATASET, items, convert, options, rejects=rejects, meta={'target': 'bone age, months'}
+  )
 
 
 if __name__ == '__main__':

@@ -10,25 +10,24 @@ resume, ``rejects.jsonl`` and the manifests. Two rules shape it:
 * Workers exchange only plain data with the parent: a task is JSON-able (keys, payloads, hashes),
   the worker writes its shard itself and returns a small summary; records never cross a pipe.
 """
+
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from aacp_jax import version
 from aacp_jax.data import shards
-from data_prep import privacy
-from data_prep import runner_shard
+from data_prep import privacy, runner_shard
 
 # Defined on the worker side (which rebuilds them from a task); every converter names them here.
 Item = runner_shard.Item
@@ -39,8 +38,9 @@ SPLITS = ('train', 'val', 'test')
 _SPLIT_RANK = {'test': 0, 'val': 1, 'train': 2}
 
 
-def define_flags(*, default_workers: int = 1, default_image_size: int = 1024,
-                 default_items_per_shard: int = 64) -> None:
+def define_flags(
+  *, default_workers: int = 1, default_image_size: int = 1024, default_items_per_shard: int = 64
+) -> None:
   """Defines the common flags; call it under ``if __name__ == '__main__'`` before ``app.run``.
 
   Idempotent per flag: a name another module already defined (``--input`` is common) is reused.
@@ -55,8 +55,13 @@ def define_flags(*, default_workers: int = 1, default_image_size: int = 1024,
   define('string', 'output', None, 'Output root: OUT/<split>/... shards, OUT/rejects.jsonl.')
   define('integer', 'workers', default_workers, 'Worker processes (0: convert in this process).')
   define('string', 'salt', None, 'Secret salt for subject hashes (>= 16 characters).')
-  define('string', 'salt_file', None, 'File whose content is the salt (preferred over --salt: '
-         'command lines end up in shell history).')
+  define(
+    'string',
+    'salt_file',
+    None,
+    'File whose content is the salt (preferred over --salt: '
+    'command lines end up in shell history).',
+  )
   define('integer', 'seed', 0, 'Seed of the patient-level split where no official split exists.')
   define('float', 'val_fraction', 0.1, 'Subjects drawn into val (hash split only).')
   define('float', 'test_fraction', 0.1, 'Subjects drawn into test (hash split only).')
@@ -69,6 +74,7 @@ def define_flags(*, default_workers: int = 1, default_image_size: int = 1024,
 def options_from_flags(**extra) -> Options:
   """Options from the parsed flags; a usage problem is a one-line ``app.UsageError``."""
   from absl import app  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
   for name in ('input', 'output'):
     if not f[name].value:
@@ -79,10 +85,20 @@ def options_from_flags(**extra) -> Options:
     salt = privacy.load_salt(f.salt, f.salt_file)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  options = Options(input=f.input, output=f.output, salt=salt, workers=f.workers, seed=f.seed,
-                    val_fraction=f.val_fraction, test_fraction=f.test_fraction,
-                    items_per_shard=f.items_per_shard, image_size=f.image_size, limit=f.limit,
-                    progress=f.progress, extra=extra)
+  options = Options(
+    input=f.input,
+    output=f.output,
+    salt=salt,
+    workers=f.workers,
+    seed=f.seed,
+    val_fraction=f.val_fraction,
+    test_fraction=f.test_fraction,
+    items_per_shard=f.items_per_shard,
+    image_size=f.image_size,
+    limit=f.limit,
+    progress=f.progress,
+    extra=extra,
+  )
   try:
     check_options(options)
   except ValueError as e:
@@ -94,8 +110,10 @@ def check_options(o: Options) -> None:
   if o.workers < 0:
     raise ValueError(f'--workers={o.workers}: must be >= 0')
   if not (0 <= o.val_fraction and 0 <= o.test_fraction and o.val_fraction + o.test_fraction < 1):
-    raise ValueError(f'--val_fraction={o.val_fraction} --test_fraction={o.test_fraction}: each '
-                     '>= 0 and their sum < 1')
+    raise ValueError(
+      f'--val_fraction={o.val_fraction} --test_fraction={o.test_fraction}: each '
+      '>= 0 and their sum < 1'
+    )
   if o.items_per_shard < 1:
     raise ValueError(f'--items_per_shard={o.items_per_shard}: must be >= 1')
   if o.image_size < 8:
@@ -106,7 +124,9 @@ def check_options(o: Options) -> None:
 
 def _hash_split(o: Options, dataset: str, subject: str) -> str:
   u = privacy.split_unit(o.seed, dataset, subject)
-  return 'test' if u < o.test_fraction else 'val' if u < o.test_fraction + o.val_fraction else 'train'
+  return (
+    'test' if u < o.test_fraction else 'val' if u < o.test_fraction + o.val_fraction else 'train'
+  )
 
 
 def _convert_ref(convert: Callable) -> str:
@@ -127,12 +147,14 @@ def _plan(dataset, items, o, split_of, reject_rows):
   seen, kept = set(), []
   for item in sorted(items, key=lambda it: it.key):
     if item.key in seen:
-      reject_rows.append((item.key, 'duplicate', 'listed more than once; the first listing was kept'))
+      reject_rows.append(
+        (item.key, 'duplicate', 'listed more than once; the first listing was kept')
+      )
       continue
     seen.add(item.key)
     kept.append(item)
   if o.limit is not None:
-    kept = kept[:o.limit]
+    kept = kept[: o.limit]
   chosen = {}
   for item in kept:
     split = split_of(item) if split_of else None
@@ -147,8 +169,14 @@ def _plan(dataset, items, o, split_of, reject_rows):
   for item in kept:
     home = min(by_subject[item.subject], key=_SPLIT_RANK.get)
     if chosen[item.key] != home:
-      reject_rows.append((item.key, 'split_leak', f'its subject also has images in {home}; '
-                          f'kept there, not in {chosen[item.key]} (patient-level splits)'))
+      reject_rows.append(
+        (
+          item.key,
+          'split_leak',
+          f'its subject also has images in {home}; '
+          f'kept there, not in {chosen[item.key]} (patient-level splits)',
+        )
+      )
       continue
     groups[(home, item.modality)].append(item)
   hashes = {s: privacy.subject_hash(o.salt, dataset, s) for s in by_subject}
@@ -156,11 +184,23 @@ def _plan(dataset, items, o, split_of, reject_rows):
   for (split, modality), group in sorted(groups.items()):
     n = -(-len(group) // o.items_per_shard)
     for i in range(n):
-      chunk = group[i * o.items_per_shard:(i + 1) * o.items_per_shard]
-      tasks.append({'split': split, 'modality': modality,
-                    'name': shards.shard_name(modality, i, n),
-                    'items': [{'key': it.key, 'subject_hash': hashes[it.subject],
-                               'modality': it.modality, 'payload': it.payload} for it in chunk]})
+      chunk = group[i * o.items_per_shard : (i + 1) * o.items_per_shard]
+      tasks.append(
+        {
+          'split': split,
+          'modality': modality,
+          'name': shards.shard_name(modality, i, n),
+          'items': [
+            {
+              'key': it.key,
+              'subject_hash': hashes[it.subject],
+              'modality': it.modality,
+              'payload': it.payload,
+            }
+            for it in chunk
+          ],
+        }
+      )
   return tasks
 
 
@@ -168,6 +208,7 @@ def _progress(total, enabled, desc):
   if not enabled:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   return tqdm(total=total, desc=desc, unit='item', dynamic_ncols=True, smoothing=0.05)
 
 
@@ -228,16 +269,24 @@ def _run_alone(task, common, ctx):
     except concurrent.futures.process.BrokenProcessPool:
       key = runner_shard.current_item(common['output'], task)
       if key is None or key in crashed:
-        raise RuntimeError(f'{task["split"]}/{task["name"]}: a worker process died outside any '
-                           'item (out of memory? see the log above)') from None
+        raise RuntimeError(
+          f'{task["split"]}/{task["name"]}: a worker process died outside any '
+          'item (out of memory? see the log above)'
+        ) from None
       crashed.append(key)
 
 
-def run(dataset: str, items: Iterable[Item], convert: Callable, options: Options, *,
-        rejects: Iterable[tuple[str, str, str]] = (),
-        label_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-        split_of: Callable[[Item], str | None] | None = None,
-        meta: Mapping[str, Any] | None = None) -> int:
+def run(
+  dataset: str,
+  items: Iterable[Item],
+  convert: Callable,
+  options: Options,
+  *,
+  rejects: Iterable[tuple[str, str, str]] = (),
+  label_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+  split_of: Callable[[Item], str | None] | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> int:
   """Converts ``items`` into ``options.output``; returns the exit status (0 clean, 1 rejects)."""
   check_options(options)
   o = options
@@ -247,10 +296,15 @@ def run(dataset: str, items: Iterable[Item], convert: Callable, options: Options
   tasks = _plan(dataset, items, o, split_of, reject_rows)
   fingerprint = privacy.salt_fingerprint(o.salt)
   code_version = version.code_version()
-  common = {'dataset': dataset, 'convert': _convert_ref(convert), 'output': o.output,
-            'code_version': code_version, 'salt_fingerprint': fingerprint,
-            # Converters never need the salt: subjects arrive hashed.
-            'options': {**dataclasses.asdict(o), 'salt': b''}}
+  common = {
+    'dataset': dataset,
+    'convert': _convert_ref(convert),
+    'output': o.output,
+    'code_version': code_version,
+    'salt_fingerprint': fingerprint,
+    # Converters never need the salt: subjects arrive hashed.
+    'options': {**dataclasses.asdict(o), 'salt': b''},
+  }
   bar = _progress(sum(len(t['items']) for t in tasks), o.progress, dataset)
   try:
     results = _execute(tasks, common, o.workers, bar)
@@ -272,22 +326,37 @@ def run(dataset: str, items: Iterable[Item], convert: Callable, options: Options
   for split, done in sorted(by_split.items()):
     modalities, stats = runner_shard.merge(done)
     counts[split] = sum(m['count'] for m in modalities.values())
-    shards.write_manifest(o.output, split, modalities, seed=o.seed, code_version=code_version,
-                          label_names=names, meta={
-                              'dataset': dataset, 'salt_fingerprint': fingerprint,
-                              'items': sum(len(t['items']) for t, _ in done),
-                              'rejected_in_run': rejected, 'stats': stats, **(dict(meta) if meta else {})})
+    shards.write_manifest(
+      o.output,
+      split,
+      modalities,
+      seed=o.seed,
+      code_version=code_version,
+      label_names=names,
+      meta={
+        'dataset': dataset,
+        'salt_fingerprint': fingerprint,
+        'items': sum(len(t['items']) for t, _ in done),
+        'rejected_in_run': rejected,
+        'stats': stats,
+        **(dict(meta) if meta else {}),
+      },
+    )
   _write_rejects(o.output, reject_rows)
   keys = {it.key for it in items}
   total_items = len(keys) + len({r[0] for r in reject_rows} - keys)
   _remove_stale(o.output, tasks)
-  line = (f'{dataset}: {sum(counts.values())} records '
-          f'({", ".join(f"{s} {n}" for s, n in counts.items()) or "none"}) from {total_items} inputs '
-          f'-> {o.output}; ')
+  line = (
+    f'{dataset}: {sum(counts.values())} records '
+    f'({", ".join(f"{s} {n}" for s, n in counts.items()) or "none"}) from {total_items} inputs '
+    f'-> {o.output}; '
+  )
   if reject_rows:
     kinds = collections.Counter(r[1] for r in reject_rows)
     per_kind = ', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))
-    line += f'{len(reject_rows)} rejected ({per_kind}), see {os.path.join(o.output, "rejects.jsonl")}'
+    line += (
+      f'{len(reject_rows)} rejected ({per_kind}), see {os.path.join(o.output, "rejects.jsonl")}'
+    )
   else:
     line += 'nothing rejected'
   logging.info('%s', line)
@@ -317,8 +386,10 @@ def _remove_stale(output: str, tasks) -> None:
 
 def _write_rejects(output: str, rows) -> None:
   path = os.path.join(output, 'rejects.jsonl')
-  text = ''.join(json.dumps({'key': k, 'kind': kind, 'reason': reason}, sort_keys=True) + '\n'
-                 for k, kind, reason in sorted(set(rows)))
+  text = ''.join(
+    json.dumps({'key': k, 'kind': kind, 'reason': reason}, sort_keys=True) + '\n'
+    for k, kind, reason in sorted(set(rows))
+  )
   try:
     with open(path, encoding='utf-8') as f:
       if f.read() == text:

@@ -5,14 +5,15 @@ back a JSON-able summary, which also lands in a sidecar ``OUT/.progress/<split>/
 sidecar's fingerprint covers everything that decides the shard's bytes, so a re-run skips a shard
 exactly when it would write the same bytes again.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import hashlib
 import importlib
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from aacp_jax.errors import one_line
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One input unit (an image, a volume, a case). ``subject`` is hashed, never written."""
+
   key: str
   subject: str
   modality: str
@@ -62,9 +64,11 @@ def _paths(output, task):
   # Sidecars live outside the split folders: those hold only what a reader needs and may be shared;
   # sidecars name input paths (in their reject rows), which stay with the raw data.
   progress = os.path.join(output, '.progress', task['split'])
-  return (os.path.join(output, task['split'], task['name']),
-          os.path.join(progress, task['name'] + '.json'),
-          os.path.join(progress, task['name'] + '.current'))
+  return (
+    os.path.join(output, task['split'], task['name']),
+    os.path.join(progress, task['name'] + '.json'),
+    os.path.join(progress, task['name'] + '.current'),
+  )
 
 
 def current_item(output: str, task: dict) -> str | None:
@@ -84,12 +88,24 @@ def clear_current(output: str, task: dict) -> None:
 
 
 def _fingerprint(task, common) -> str:
-  opts = {k: v for k, v in common['options'].items()
-          if k not in ('salt', 'workers', 'progress', 'input', 'output', 'limit')}
-  blob = json.dumps({'items': task['items'], 'modality': task['modality'], 'options': opts,
-                     'dataset': common['dataset'], 'convert': common['convert'],
-                     'code_version': common['code_version'],
-                     'salt_fingerprint': common['salt_fingerprint']}, sort_keys=True, default=str)
+  opts = {
+    k: v
+    for k, v in common['options'].items()
+    if k not in ('salt', 'workers', 'progress', 'input', 'output', 'limit')
+  }
+  blob = json.dumps(
+    {
+      'items': task['items'],
+      'modality': task['modality'],
+      'options': opts,
+      'dataset': common['dataset'],
+      'convert': common['convert'],
+      'code_version': common['code_version'],
+      'salt_fingerprint': common['salt_fingerprint'],
+    },
+    sort_keys=True,
+    default=str,
+  )
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -100,9 +116,12 @@ def _finished(shard_path, sidecar, fingerprint):
   except (OSError, ValueError):
     return None
   entry = summary.get('file', {})
-  if (summary.get('fingerprint') != fingerprint or not os.path.exists(shard_path)
-      or os.path.getsize(shard_path) != entry.get('bytes')
-      or shards._sha256(shard_path) != entry.get('sha256')):  # pylint: disable=protected-access
+  if (
+    summary.get('fingerprint') != fingerprint
+    or not os.path.exists(shard_path)
+    or os.path.getsize(shard_path) != entry.get('bytes')
+    or shards._sha256(shard_path) != entry.get('sha256')
+  ):  # pylint: disable=protected-access
     return None
   return summary
 
@@ -130,9 +149,11 @@ class _Stats:
       label = str(int(r['label']))
       self.labels[label] = self.labels.get(label, 0) + 1
     sp = np.asarray(r['spacing'], float)
-    self.spacing = [np.minimum(self.spacing[0], sp).tolist(),
-                    np.maximum(self.spacing[1], sp).tolist(),
-                    (np.asarray(self.spacing[2]) + sp).tolist()]
+    self.spacing = [
+      np.minimum(self.spacing[0], sp).tolist(),
+      np.maximum(self.spacing[1], sp).tolist(),
+      (np.asarray(self.spacing[2]) + sp).tolist(),
+    ]
     hw = np.asarray(r['image'].shape[:2], float)
     self.hw = [np.minimum(self.hw[0], hw).tolist(), np.maximum(self.hw[1], hw).tolist()]
     if 'labels' in r:
@@ -141,15 +162,24 @@ class _Stats:
       self.multi = (counts if self.multi is None else np.asarray(self.multi) + counts).tolist()
     if 'target' in r:
       t = float(r['target'])
-      self.target = [min(self.target[0], t), max(self.target[1], t), self.target[2] + t,
-                     self.target[3] + 1]
+      self.target = [
+        min(self.target[0], t),
+        max(self.target[1], t),
+        self.target[2] + t,
+        self.target[3] + 1,
+      ]
 
   def as_dict(self):
-    return {'shapes': self.shapes, 'dtypes': self.dtypes, 'label_counts': self.labels,
-            'records': self.records,
-            'spacing': self.spacing if self.records else None,
-            'hw': self.hw if self.records else None, 'multi': self.multi,
-            'target': self.target if self.target[3] else None}
+    return {
+      'shapes': self.shapes,
+      'dtypes': self.dtypes,
+      'label_counts': self.labels,
+      'records': self.records,
+      'spacing': self.spacing if self.records else None,
+      'hw': self.hw if self.records else None,
+      'multi': self.multi,
+      'target': self.target if self.target[3] else None,
+    }
 
 
 def _complete(record, subject_hash, dataset):
@@ -162,8 +192,10 @@ def _complete(record, subject_hash, dataset):
   if 'organs' not in r:
     region = r.get('region')
     if region not in lm.REGION_ORGANS:
-      raise ValueError(f'region {region!r} has no default organs; set record["organs"] '
-                       f'(known regions: {sorted(lm.REGION_ORGANS)})')
+      raise ValueError(
+        f'region {region!r} has no default organs; set record["organs"] '
+        f'(known regions: {sorted(lm.REGION_ORGANS)})'
+      )
     r['organs'] = lm.organ_multi_hot(lm.REGION_ORGANS[region])
   return r
 
@@ -230,8 +262,13 @@ def run_task(task: dict, common: dict, bar=None) -> dict:
       with open(marker, 'w', encoding='utf-8') as f:
         f.write(item['key'])
       if item['key'] in crashed:
-        rejects.append([item['key'], 'crash', 'the worker process died converting it '
-                        '(a native reader crash on a damaged file?)'])
+        rejects.append(
+          [
+            item['key'],
+            'crash',
+            'the worker process died converting it (a native reader crash on a damaged file?)',
+          ]
+        )
         continue
       out, bad = _convert_item(item, item['subject_hash'], convert, options, common['dataset'])
       if bad:
@@ -256,8 +293,9 @@ def merge(done: list[tuple[dict, dict]]) -> tuple[dict, dict]:
   """Per-modality manifest entries and split-wide statistics from the shard summaries."""
   modalities, stats = {}, {}
   for task, s in done:
-    m = modalities.setdefault(task['modality'], {'count': 0, 'files': [], 'shapes': {},
-                                                 'dtypes': {}, 'label_counts': {}})
+    m = modalities.setdefault(
+      task['modality'], {'count': 0, 'files': [], 'shapes': {}, 'dtypes': {}, 'label_counts': {}}
+    )
     m['count'] += s['file']['count']
     m['files'].append(s['file'])
     for key, shape in s['shapes'].items():
@@ -265,23 +303,31 @@ def merge(done: list[tuple[dict, dict]]) -> tuple[dict, dict]:
     m['dtypes'].update(s['dtypes'])
     for label, n in s['label_counts'].items():
       m['label_counts'][label] = m['label_counts'].get(label, 0) + n
-    st = stats.setdefault(task['modality'], {'records': 0, 'spacing': None, 'hw': None,
-                                             'multi': None, 'target': None})
+    st = stats.setdefault(
+      task['modality'], {'records': 0, 'spacing': None, 'hw': None, 'multi': None, 'target': None}
+    )
     st['records'] += s['records']
     if s['spacing']:
       old = st['spacing'] or [[np.inf] * 3, [-np.inf] * 3, [0.0] * 3]
-      st['spacing'] = [np.minimum(old[0], s['spacing'][0]).tolist(),
-                       np.maximum(old[1], s['spacing'][1]).tolist(),
-                       (np.asarray(old[2]) + s['spacing'][2]).tolist()]
+      st['spacing'] = [
+        np.minimum(old[0], s['spacing'][0]).tolist(),
+        np.maximum(old[1], s['spacing'][1]).tolist(),
+        (np.asarray(old[2]) + s['spacing'][2]).tolist(),
+      ]
       old = st['hw'] or [[np.inf] * 2, [-np.inf] * 2]
       st['hw'] = [np.minimum(old[0], s['hw'][0]).tolist(), np.maximum(old[1], s['hw'][1]).tolist()]
     if s['multi']:
-      st['multi'] = s['multi'] if st['multi'] is None else (
-          np.asarray(st['multi']) + s['multi']).tolist()
+      st['multi'] = (
+        s['multi'] if st['multi'] is None else (np.asarray(st['multi']) + s['multi']).tolist()
+      )
     if s['target']:
       t = st['target'] or [np.inf, -np.inf, 0.0, 0]
-      st['target'] = [min(t[0], s['target'][0]), max(t[1], s['target'][1]),
-                      t[2] + s['target'][2], t[3] + s['target'][3]]
+      st['target'] = [
+        min(t[0], s['target'][0]),
+        max(t[1], s['target'][1]),
+        t[2] + s['target'][2],
+        t[3] + s['target'][3],
+      ]
   out = {}
   for modality, st in stats.items():
     m = modalities[modality]
@@ -289,8 +335,11 @@ def merge(done: list[tuple[dict, dict]]) -> tuple[dict, dict]:
     n = st['records']
     row = {'records': n}
     if st['spacing']:
-      row['spacing_mm'] = {'min': st['spacing'][0], 'max': st['spacing'][1],
-                           'mean': [round(v / n, 4) for v in st['spacing'][2]]}
+      row['spacing_mm'] = {
+        'min': st['spacing'][0],
+        'max': st['spacing'][1],
+        'mean': [round(v / n, 4) for v in st['spacing'][2]],
+      }
       row['image_hw'] = {'min': [int(v) for v in st['hw'][0]], 'max': [int(v) for v in st['hw'][1]]}
     if st['multi']:
       row['labels_positive'], row['labels_uncertain'] = st['multi']

@@ -7,13 +7,13 @@ Listing (``list_files``), safe names for paths and UIDs that must never be writt
 ``--slab_stride`` flag of every command that writes CT slabs. They live here, not in a command's
 module, so that no converter imports another command.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 
-from data_prep import privacy
-from data_prep import runner
+from data_prep import privacy, runner
 
 
 def hashed_key(salt: bytes, dataset: str, kind: str, raw: str) -> str:
@@ -42,6 +42,7 @@ def list_files(root: str, *, skip_ext=()) -> list[str]:
 
 def _image_type(path: str) -> tuple[str, ...]:
   import pydicom  # pylint: disable=g-import-not-at-top
+
   ds = pydicom.dcmread(path, specific_tags=['ImageType'], stop_before_pixels=True)
   return tuple(str(v).upper() for v in (ds.get('ImageType') or ()))
 
@@ -79,8 +80,9 @@ def scan_tree(root: str, dataset: str, salt: bytes, *, skip_ext=()):
     first = headers[0]
     n = len(headers)
     if first.modality != 'CT':
-      rejects.append((key, 'unsupported', f'{n} {first.modality or "unknown-modality"} file(s): '
-                      'not a CT series'))
+      rejects.append(
+        (key, 'unsupported', f'{n} {first.modality or "unknown-modality"} file(s): not a CT series')
+      )
       continue
     try:
       kinds = _image_type(first.path)
@@ -101,8 +103,11 @@ def scan_tree(root: str, dataset: str, salt: bytes, *, skip_ext=()):
     for h in headers:
       # An exact copy of a slice (same position, same bytes) is dropped; anything else at one
       # position is left for the geometry check, which rejects the series.
-      if h.position is not None and h.position in seen and \
-          _file_digest(seen[h.position].path) == _file_digest(h.path):
+      if (
+        h.position is not None
+        and h.position in seen
+        and _file_digest(seen[h.position].path) == _file_digest(h.path)
+      ):
         rejects.append((names[h.path], 'duplicate', f'an exact copy of another slice of {key}'))
         continue
       seen.setdefault(h.position, h)
@@ -138,6 +143,7 @@ def payload_names(root: str, files, series_key: str) -> dict[str, str]:
 def read_series(root: str, files, series_key: str):
   """The int16 HU volume of a listed series; failures become path-free Rejects."""
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   names = payload_names(root, files, series_key)
   try:
     headers = [ops.read_header(os.path.join(root, rel)) for rel, _ in files]
@@ -150,20 +156,27 @@ def slab_records(image, *, region: str, stride: int = 64, mask=None, where: str 
   """CT slab records (image, modality, region, spacing) of an HU volume; ``mask`` slabs are returned
   beside each record as ``(record, slab)`` so callers can derive their own mask/label."""
   from data_prep import ops  # pylint: disable=g-import-not-at-top
+
   for slab in ops.ct_slabs(image, mask=mask, stride=stride, where=where):
     yield {'image': slab.image, 'modality': 'ct', 'region': region, 'spacing': slab.spacing}, slab
 
 
 def locate(names: dict[str, str], root: str, key: str) -> list[str]:
   """What a safe key stands for: files, series folders or the series UID (terminal only)."""
-  return sorted({os.path.relpath(raw, root) if os.path.isabs(raw) else raw
-                 for raw, safe in names.items() if safe in (key, key + '/') and raw != root})
+  return sorted(
+    {
+      os.path.relpath(raw, root) if os.path.isabs(raw) else raw
+      for raw, safe in names.items()
+      if safe in (key, key + '/') and raw != root
+    }
+  )
 
 
 def define_slab_flags():
   """The runner's flags plus --slab_stride: every command that writes CT slabs (dicom_ct, lits,
   luna16)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   runner.define_flags()
   flags.DEFINE_integer('slab_stride', 64, 'Slices between slab starts (64: no overlap).')
 
@@ -171,6 +184,7 @@ def define_slab_flags():
 def slab_options(argv, **extra):
   """Runner options with the checked --slab_stride; a one-line usage error for bad arguments."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   stride = flags.FLAGS.slab_stride

@@ -4,17 +4,17 @@ Every radiograph goes through the same ops (``data_prep.ops.xray``: grey read, u
 square resize) so that CheXpert, MIMIC-CXR, COVIDx, bone age and MedMNIST images look alike to the
 X-ray encoder (paper Table 2: CLAHE, 1024x1024).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 import csv
 import gzip
 import io
 import os
-from collections.abc import Iterator
 
+from absl import app, flags
 import numpy as np
-from absl import app
-from absl import flags
 
 from data_prep import runner
 
@@ -25,9 +25,21 @@ MIN_SIDE = 16
 MAX_ASPECT = 4.0
 # CheXpert and MIMIC-CXR label columns (the CheXpert labeller's 14 observations), in file order.
 CHEXPERT_LABELS = (
-    'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Lung Opacity', 'Lung Lesion',
-    'Edema', 'Consolidation', 'Pneumonia', 'Atelectasis', 'Pneumothorax', 'Pleural Effusion',
-    'Pleural Other', 'Fracture', 'Support Devices')
+  'No Finding',
+  'Enlarged Cardiomediastinum',
+  'Cardiomegaly',
+  'Lung Opacity',
+  'Lung Lesion',
+  'Edema',
+  'Consolidation',
+  'Pneumonia',
+  'Atelectasis',
+  'Pneumothorax',
+  'Pleural Effusion',
+  'Pleural Other',
+  'Fracture',
+  'Support Devices',
+)
 # The labeller writes 1.0 positive, 0.0 negative, -1.0 uncertain and leaves a blank when the report
 # does not mention the finding; blank reads as 0 (records.py: 0 = negative or not mentioned).
 _VALUE = {'1': 1, '1.0': 1, '0': 0, '0.0': 0, '-1': -1, '-1.0': -1, '': 0}
@@ -40,8 +52,12 @@ def define_xray_flags() -> None:
   if 'clahe' not in flags.FLAGS:
     flags.DEFINE_bool('clahe', True, 'Apply CLAHE (paper Table 2); --noclahe skips it.')
   if 'frontal_only' not in flags.FLAGS:
-    flags.DEFINE_bool('frontal_only', False, 'CheXpert/MIMIC-CXR: keep only frontal (PA/AP) views; '
-                      'the others are counted in the manifest meta as skipped, not rejected.')
+    flags.DEFINE_bool(
+      'frontal_only',
+      False,
+      'CheXpert/MIMIC-CXR: keep only frontal (PA/AP) views; '
+      'the others are counted in the manifest meta as skipped, not rejected.',
+    )
 
 
 def run_command(build, *extra_flags: str, **extra_values) -> None:
@@ -70,8 +86,9 @@ def chexpert_labels(row: dict, where: str) -> list[int]:
       raise runner.Reject('missing_label', f'{where}: no column {name!r}')
     value = row[name].strip()
     if value not in _VALUE:
-      raise runner.Reject('unknown_label', f'{where}: {name!r} is {value!r}, expected 1, 0, -1 or '
-                          'blank')
+      raise runner.Reject(
+        'unknown_label', f'{where}: {name!r} is {value!r}, expected 1, 0, -1 or blank'
+      )
     out.append(_VALUE[value])
   return out
 
@@ -84,11 +101,15 @@ def check_row(row: dict, where: str) -> None:
   """
   short = [k for k, v in row.items() if k is not None and v is None]
   if short:
-    raise runner.Reject('missing_label', f'{where}: the row ends before column {short[0]!r} '
-                        f'({len(short)} of {len(row) - (None in row)} fields missing: cut short?)')
+    raise runner.Reject(
+      'missing_label',
+      f'{where}: the row ends before column {short[0]!r} '
+      f'({len(short)} of {len(row) - (None in row)} fields missing: cut short?)',
+    )
   if row.get(None):
-    raise runner.Reject('format', f'{where}: {len(row[None])} more field(s) than the header '
-                        '(an unquoted comma?)')
+    raise runner.Reject(
+      'format', f'{where}: {len(row[None])} more field(s) than the header (an unquoted comma?)'
+    )
 
 
 def read_csv(path: str) -> Iterator[tuple[int, dict]]:
@@ -115,8 +136,11 @@ def walk_images(root: str, folder: str) -> list[str]:
   out = []
   for base, dirs, names in os.walk(os.path.join(root, folder)):
     dirs.sort()
-    out += [os.path.relpath(os.path.join(base, n), root) for n in sorted(names)
-            if n.lower().endswith(IMAGE_EXTS)]
+    out += [
+      os.path.relpath(os.path.join(base, n), root)
+      for n in sorted(names)
+      if n.lower().endswith(IMAGE_EXTS)
+    ]
   return out
 
 
@@ -125,8 +149,11 @@ def check_pixels(pixels: np.ndarray, where: str, min_side: int = MIN_SIDE) -> np
     raise runner.Reject('dimensions', f'{where}: shape {pixels.shape}, expected one grey 2D image')
   h, w = pixels.shape
   if min(h, w) < min_side or max(h, w) > MAX_ASPECT * min(h, w):
-    raise runner.Reject('dimensions', f'{where}: {h}x{w} pixels is not a radiograph (sides >= '
-                        f'{min_side}, aspect <= {MAX_ASPECT:g})')
+    raise runner.Reject(
+      'dimensions',
+      f'{where}: {h}x{w} pixels is not a radiograph (sides >= '
+      f'{min_side}, aspect <= {MAX_ASPECT:g})',
+    )
   if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
     raise runner.Reject('nan', f'{where}: non-finite pixel values')
   if pixels.min() == pixels.max():
@@ -138,6 +165,7 @@ def check_pixels(pixels: np.ndarray, where: str, min_side: int = MIN_SIDE) -> np
 def read_image(options: runner.Options, rel: str) -> np.ndarray:
   """Grey pixels of ``--input/rel`` through the ops reader, with the runner's reject kinds."""
   from data_prep.ops import xray  # pylint: disable=g-import-not-at-top  # heavy (skimage) imports.
+
   path = os.path.join(options.input, rel)
   if not os.path.lexists(path):
     raise runner.Reject('missing_file', f'{rel}: file not found')
@@ -145,19 +173,34 @@ def read_image(options: runner.Options, rel: str) -> np.ndarray:
   return check_pixels(np.asarray(xray.read_image_file(path)), rel)
 
 
-def xray_record(pixels: np.ndarray, options: runner.Options, *, region: str = 'chest',
-                spacing=(0.0, 0.0), size: int | None = None, **labels) -> dict:
+def xray_record(
+  pixels: np.ndarray,
+  options: runner.Options,
+  *,
+  region: str = 'chest',
+  spacing=(0.0, 0.0),
+  size: int | None = None,
+  **labels,
+) -> dict:
   """The X-ray record for ``pixels``: ops applied, labels attached (subject/landmarks: the runner).
 
   ``spacing`` 0 means unknown (JPG/PNG exports carry none). ``labels``: any of ``label`` (int),
   ``labels`` (list of -1/0/1), ``target`` (float).
   """
   from data_prep.ops import xray  # pylint: disable=g-import-not-at-top
-  image, spacing = xray.prepare_xray(pixels, np.asarray(spacing, np.float32),
-                                     size=size or options.image_size,
-                                     use_clahe=bool(options.extra.get('clahe', True)))
-  r = {'image': np.asarray(image, np.uint8).reshape(image.shape[0], image.shape[1], 1),
-       'modality': 'xray', 'region': region, 'spacing': np.asarray(spacing, np.float32)}
+
+  image, spacing = xray.prepare_xray(
+    pixels,
+    np.asarray(spacing, np.float32),
+    size=size or options.image_size,
+    use_clahe=bool(options.extra.get('clahe', True)),
+  )
+  r = {
+    'image': np.asarray(image, np.uint8).reshape(image.shape[0], image.shape[1], 1),
+    'modality': 'xray',
+    'region': region,
+    'spacing': np.asarray(spacing, np.float32),
+  }
   if labels.get('label') is not None:
     r['label'] = np.array(labels['label'], np.int32)
   if labels.get('labels') is not None:

@@ -6,11 +6,14 @@
 - A persistent compilation cache: the end-to-end tests start several processes that compile the
   same train step; all but the first load it from disk.
 """
+
 import os
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
-                      '--xla_backend_optimization_level=0')
+os.environ.setdefault(
+  'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'aacp_jax_test_jit_cache'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'aacp_jax_test_jit_cache')
+)

@@ -1,4 +1,5 @@
 """Augmentation: landmark tracking, visibility, firing rates, crop guarantee, determinism."""
+
 import functools
 
 import jax
@@ -7,14 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from aacp_jax import augment
-from aacp_jax import losses
+from aacp_jax import augment, augment_defaults, losses
 
 K = 5
 
 
 def _cfg(**over):
-  cfg = augment.default_config()
+  cfg = augment_defaults.default_config()
   for path, value in over.items():
     node = cfg
     *parents, leaf = path.split('.')
@@ -26,9 +26,20 @@ def _cfg(**over):
 
 def _spatial_only(elastic_p, **over):
   """Every spatial op likely, no photometric op or cutout (they would move the brightest point)."""
-  return _cfg(**{'rotation.p': 1.0, 'scale.p': 1.0, 'translation.p': 1.0, 'flip.p': 0.5,
-                 'elastic.p': elastic_p, 'brightness.p': 0.0, 'contrast.p': 0.0,
-                 'noise.p': 0.0, 'cutout.p': 0.0, **over})
+  return _cfg(
+    **{
+      'rotation.p': 1.0,
+      'scale.p': 1.0,
+      'translation.p': 1.0,
+      'flip.p': 0.5,
+      'elastic.p': elastic_p,
+      'brightness.p': 0.0,
+      'contrast.p': 0.0,
+      'noise.p': 0.0,
+      'cutout.p': 0.0,
+      **over,
+    }
+  )
 
 
 def _dots(landmarks, h, w, sigma_px=1.0):
@@ -37,7 +48,7 @@ def _dots(landmarks, h, w, sigma_px=1.0):
   px = landmarks[:, 1] * w - 0.5
   yy = jnp.arange(h, dtype=jnp.float32)[:, None, None]
   xx = jnp.arange(w, dtype=jnp.float32)[None, :, None]
-  return 255.0 * jnp.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sigma_px ** 2))
+  return 255.0 * jnp.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sigma_px**2))
 
 
 def _refine(img, iy, ix):
@@ -50,13 +61,18 @@ def _refine(img, iy, ix):
     return i + jnp.where((i > 0) & (i < n - 1), jnp.clip(off, -0.5, 0.5), 0.0)
 
   at = lambda y, x: img[jnp.clip(y, 0, h - 1), jnp.clip(x, 0, w - 1)]
-  return jnp.stack([axis(at(iy - 1, ix), at(iy, ix), at(iy + 1, ix), iy, h),
-                    axis(at(iy, ix - 1), at(iy, ix), at(iy, ix + 1), ix, w)])
+  return jnp.stack(
+    [
+      axis(at(iy - 1, ix), at(iy, ix), at(iy + 1, ix), iy, h),
+      axis(at(iy, ix - 1), at(iy, ix), at(iy, ix + 1), ix, w),
+    ]
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('hw', 'n', 'cfg'))
 def _track(key, hw, n, cfg):
   """Per draw: random landmarks and visibility, dot image, augment; brightest point per channel."""
+
   def one(k):
     kl, kv, ka = jax.random.split(k, 3)
     lm = jax.random.uniform(kl, (K, 2), minval=0.1, maxval=0.9)
@@ -69,6 +85,7 @@ def _track(key, hw, n, cfg):
     # Same transform with every landmark marked visible: which ones stay in the field.
     _, _, vis_all, _ = augment.apply_params(params, img, lm, jnp.ones((K,), bool), 'xray', cfg)
     return peak, lm2, vis, vis2, vis_all, params['fired']['elastic']
+
   return jax.vmap(one)(jax.random.split(key, n))
 
 
@@ -99,8 +116,9 @@ def test_rotation_is_rigid_in_pixels_on_non_square_images():
   p['angle'] = jnp.float32(0.4)
   hw = np.array([40.0, 72.0])
   lm = np.array([[0.5, 0.5], [0.3, 0.6], [0.6, 0.35], [0.45, 0.7], [0.55, 0.45]], np.float32)
-  _, lm2, vis2, _ = augment.apply_params(p, np.zeros((40, 72, 1), np.float32), lm,
-                                         np.ones(K, bool), 'mri')
+  _, lm2, vis2, _ = augment.apply_params(
+    p, np.zeros((40, 72, 1), np.float32), lm, np.ones(K, bool), 'mri'
+  )
   assert np.all(np.asarray(vis2))
   dist = lambda x: np.linalg.norm((x[:, None] - x[None]) * hw, axis=-1)
   np.testing.assert_allclose(dist(np.asarray(lm2)), dist(lm), atol=1e-3)
@@ -136,12 +154,14 @@ def test_identity_is_exact_and_ct_fills_with_air():
 
 def test_preprocess_windows_and_scales():
   hu = jnp.array([-1200.0, -160.0, 40.0, 240.0, 900.0]).reshape(1, 1, 5, 1)
-  np.testing.assert_allclose(np.asarray(augment.preprocess(hu, 'ct')).ravel(),
-                             [0, 0, 0.5, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(augment.preprocess(hu, 'ct')).ravel(), [0, 0, 0.5, 1, 1], atol=1e-6
+  )
   lung = np.asarray(augment.preprocess(hu, 'ct', _cfg(ct_window='lung'))).ravel()
   np.testing.assert_allclose(lung, np.clip((np.asarray(hu).ravel() + 1000) / 1400, 0, 1), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(augment.preprocess(jnp.full((2, 2, 1), 51.0), 'xray')),
-                             0.2, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(augment.preprocess(jnp.full((2, 2, 1), 51.0), 'xray')), 0.2, atol=1e-6
+  )
   mri = jnp.linspace(-3, 3, 12).reshape(2, 2, 3)
   np.testing.assert_array_equal(np.asarray(augment.preprocess(mri, 'mri')), np.asarray(mri))
   with pytest.raises(ValueError):
@@ -171,7 +191,8 @@ def _draws(key, modality, cfg, n=10_000):
   lm = jnp.clip(centre + spread * jax.random.uniform(kl, (n, 8, 2), minval=-1, maxval=1), 0, 1)
   vis = jax.random.uniform(kv, (n, 8)) < 0.7
   params = jax.vmap(lambda k, l, v: augment.sample_params(k, l, v, modality, cfg))(
-      jax.random.split(ks, n), lm, vis)
+    jax.random.split(ks, n), lm, vis
+  )
   return params, lm, vis
 
 
@@ -182,15 +203,23 @@ def _rate_ok(fired, p):
 
 @pytest.mark.parametrize('modality', ['xray', 'ct', 'mri'])
 def test_firing_rates_and_crop_keeps_landmarks(modality):
-  cfg = augment.default_config()
+  cfg = augment_defaults.default_config()
   frozen = ml_collections.FrozenConfigDict(cfg)  # static jit argument: must hash
   params, lm, vis = jax.tree.map(np.asarray, _draws(jax.random.PRNGKey(2), modality, frozen))
   fired = params['fired']
   flip_p = cfg.flip.p if modality in cfg.symmetric_modalities else 0.0
-  expect = {'crop': 1.0, 'rotate': cfg.rotation.p, 'translate': cfg.translation.p,
-            'scale': cfg.scale.p, 'flip': flip_p, 'elastic': cfg.elastic.p,
-            'brightness': cfg.brightness.p, 'contrast': cfg.contrast.p, 'noise': cfg.noise.p,
-            'cutout': cfg.cutout.p}
+  expect = {
+    'crop': 1.0,
+    'rotate': cfg.rotation.p,
+    'translate': cfg.translation.p,
+    'scale': cfg.scale.p,
+    'flip': flip_p,
+    'elastic': cfg.elastic.p,
+    'brightness': cfg.brightness.p,
+    'contrast': cfg.contrast.p,
+    'noise': cfg.noise.p,
+    'cutout': cfg.cutout.p,
+  }
   assert set(expect) == set(augment.OPS)
   for op, p in expect.items():
     assert _rate_ok(np.broadcast_to(fired[op], (10_000,)), p), (op, fired[op].mean(), p)
@@ -232,9 +261,11 @@ def test_shapes_dtypes_and_determinism(modality, channels):
   lm = rng.uniform(0.2, 0.8, size=(4, K, 2)).astype(np.float32)
   vis = np.ones((4, K), bool)
   key = jax.random.PRNGKey(0)
-  a = augment.augment_batch(key, images, lm, vis, modality, None)
-  b = augment.augment_batch(key, images, lm, vis, modality, None)
-  c = augment.augment_batch(jax.random.PRNGKey(1), images, lm, vis, modality, None)
+  a = augment.augment_batch(key, images, lm, vis, modality, augment_defaults.default_config())
+  b = augment.augment_batch(key, images, lm, vis, modality, augment_defaults.default_config())
+  c = augment.augment_batch(
+    jax.random.PRNGKey(1), images, lm, vis, modality, augment_defaults.default_config()
+  )
   assert a[0].shape == images.shape and a[0].dtype == jnp.float32
   assert a[1].shape == (4, K, 2) and a[1].dtype == jnp.float32
   assert a[2].shape == (4, K) and a[2].dtype == jnp.bool_
@@ -257,8 +288,9 @@ def test_linear_transform_makes_spatial_loss_vanish():
   vis = np.ones((8, K), bool)
   cfg = _cfg(**{'elastic.p': 0.0, 'rotation.p': 1.0, 'scale.p': 1.0, 'flip.p': 0.5})
   # A new-style typed key, as the train step uses.
-  _, lm2, vis2, lin = augment.augment_batch(jax.random.key(5), images, lm, vis, 'xray', cfg,
-                                            return_transform=True)
+  _, lm2, vis2, lin = augment.augment_batch(
+    jax.random.key(5), images, lm, vis, 'xray', cfg, return_transform=True
+  )
   assert lin.shape == (8, 2, 2)
   assert np.asarray(vis2).sum() > 0.5 * vis.size
   a_inv = jnp.linalg.inv(lin)

@@ -1,4 +1,5 @@
 """configs/pretrain.py: the paper's defaults, variants, and one-line errors for bad values."""
+
 import pytest
 
 from aacp_jax.augment import config as augment_config
@@ -46,13 +47,13 @@ def test_table6_variants():
 def modules(c):
   """Which of the paper's seven components (1.3.3) a config switches on."""
   return {
-      'anatomy_aug': bool(c.augment.anatomy_aware),
-      'spatial': c.loss.spatial_weight > 0 and c.model.landmark_head,
-      'contrast': c.loss.temperature > 0,
-      'multiscale': c.model.fpn and max(c.loss.multiscale_weights) > 0,
-      'roi': bool(c.model.roi_attention),
-      'triplet': c.loss.triplet_weight > 0,
-      'cross_modal': c.loss.cross_weight > 0,
+    'anatomy_aug': bool(c.augment.anatomy_aware),
+    'spatial': c.loss.spatial_weight > 0 and c.model.landmark_head,
+    'contrast': c.loss.temperature > 0,
+    'multiscale': c.model.fpn and max(c.loss.multiscale_weights) > 0,
+    'roi': bool(c.model.roi_attention),
+    'triplet': c.loss.triplet_weight > 0,
+    'cross_modal': c.loss.cross_weight > 0,
   }
 
 
@@ -63,9 +64,14 @@ def test_default_is_the_full_model_and_each_ablation_removes_one_module():
   assert tuple(c.model.fpn_channels) == (64, 128, 256, 512)
   assert (c.loss.cross_weight, c.loss.cross_delta, c.loss.cross_organ_weight) == (0.3, 0.15, 0.5)
   assert (c.loss.cross_start_epoch, c.loss.cross_end_epoch) == (50, 100)
-  removed = {'no_spatial': 'spatial', 'no_anatomy_aug': 'anatomy_aug',
-             'no_multiscale': 'multiscale', 'no_roi': 'roi', 'no_triplet': 'triplet',
-             'no_cross_modal': 'cross_modal'}
+  removed = {
+    'no_spatial': 'spatial',
+    'no_anatomy_aug': 'anatomy_aug',
+    'no_multiscale': 'multiscale',
+    'no_roi': 'roi',
+    'no_triplet': 'triplet',
+    'no_cross_modal': 'cross_modal',
+  }
   for variant, module in removed.items():
     for arg in (variant, f'demo,{variant}'):
       assert modules(pretrain.get_config(arg)) == dict(full, **{module: False}), arg
@@ -88,7 +94,9 @@ def test_unknown_variant_names_the_culprit():
     pretrain.get_config('demo,nope')
 
 
-@pytest.mark.parametrize('key,value,match', [
+@pytest.mark.parametrize(
+  'key,value,match',
+  [
     ('modalities', ('ct', 'pet'), r"config.modalities: unknown modality 'pet'"),
     ('batch_size', 0, r'config.batch_size=0'),
     ('loss.temperature', 0.0, r'config.loss.temperature'),
@@ -104,9 +112,10 @@ def test_unknown_variant_names_the_culprit():
     ('loss.triplet_margin', -1.0, r'config.loss.triplet_weight / triplet_margin'),
     ('loss.cross_delta', 0.0, r'config.loss.cross_delta'),
     ('loss.cross_start_epoch', 120.0, r'config.loss.cross_start_epoch=120.0'),
-    ('loss.cross_landmarks', ('carina',), r"config.loss.cross_landmarks: unknown landmark"),
+    ('loss.cross_landmarks', ('carina',), r'config.loss.cross_landmarks: unknown landmark'),
     ('loss.cross_organ_weight', 2.0, r'config.loss.cross_organ_weight'),
-])
+  ],
+)
 def test_bad_values_fail_before_compilation(key, value, match):
   c = pretrain.get_config('demo')
   node = c
@@ -120,21 +129,26 @@ def test_bad_values_fail_before_compilation(key, value, match):
 
 
 def test_key_value_items_set_values_by_their_type():
-  c = pretrain.get_config('demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),'
-                          'eval.probe=False,no_roi')
+  c = pretrain.get_config(
+    'demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),eval.probe=False,no_roi'
+  )
   assert c.method == 'aacp' and c.optim.lr == 3e-4 and isinstance(c.optim.lr, float)
   assert c.model.projector == (32, 32, 16) and c.eval.probe is False
   assert not c.model.roi_attention  # a named variant after the settings still applies
-  assert c.variant == 'demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),' \
-      'eval.probe=False,no_roi'
+  assert (
+    c.variant == 'demo,method=aacp,optim.lr=3e-4,model.projector=(32,32,16),eval.probe=False,no_roi'
+  )
 
 
-@pytest.mark.parametrize('arg,match', [
+@pytest.mark.parametrize(
+  'arg,match',
+  [
     ('demo,optim.lr=fast', r'optim.lr=fast: expected a float'),
     ('demo,optim.nope=1', r"config has no key 'optim.nope'"),
     ('demo,eval.probe=1', r'eval.probe=1: expected a bool'),
     ('demo,batch_size=(1,2)', r'batch_size=\(1,2\): expected a int'),
-])
+  ],
+)
 def test_bad_key_value_items_name_the_key(arg, match):
   with pytest.raises(ValueError, match=match) as e:
     pretrain.get_config(arg)

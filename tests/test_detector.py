@@ -1,4 +1,5 @@
 """Landmark detector: network shapes, heatmap targets, the loss against NumPy, metrics, annotation."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from aacp_jax.data import landmarks as lm
-from aacp_jax.models import detector as det
 from aacp_jax.eval import detector as detector_eval
+from aacp_jax.models import detector as det
 from aacp_jax.train import landmarks as lmk
 from data_prep import annotate_landmarks as ann
 
@@ -18,13 +19,13 @@ K = len(lm.LANDMARKS)
 def test_heatmap_net_shapes(size, levels, out_level):
   net = det.LandmarkDetector(('ct', 'xray'), K, width=4, levels=levels, output_level=out_level)
   x = {'ct': jnp.zeros((2, size, size, 64)), 'xray': jnp.zeros((2, size, size, 1))}
-  if size % 2 ** levels:
+  if size % 2**levels:
     with pytest.raises(ValueError, match='not divisible'):
       net.init(jax.random.key(0), x)
     return
   variables = net.init(jax.random.key(0), x)
   out = net.apply(variables, x)
-  hm = size // 2 ** out_level
+  hm = size // 2**out_level
   for m in x:
     assert out[m]['heatmaps'].shape == (2, hm, hm, K)
     assert out[m]['landmarks'].shape == (2, K, 2)
@@ -40,7 +41,7 @@ def np_targets(pts, h, w, sigma):
   for b in range(pts.shape[0]):
     for k in range(pts.shape[1]):
       d2 = ((ys[:, None] - pts[b, k, 0]) * h) ** 2 + ((xs[None, :] - pts[b, k, 1]) * w) ** 2
-      g = np.exp(-d2 / (2 * sigma ** 2))
+      g = np.exp(-d2 / (2 * sigma**2))
       out[b, :, :, k] = g / g.sum()
   return out
 
@@ -76,13 +77,18 @@ def test_modality_loss_matches_numpy():
   pts = rng.uniform(0, 1, (2, 5, 2)).astype(np.float32)
   vis = rng.uniform(size=(2, 5)) > 0.4
   logit = rng.normal(size=(2, 5)).astype(np.float32)
-  out = {'heatmaps': jnp.asarray(heat), 'landmarks': det.spatial_soft_argmax(jnp.asarray(heat)),
-         'visible_logit': jnp.asarray(logit)}
-  cfg = ml_collections.ConfigDict({'heatmap_sigma': 1.5, 'coord_weight': 0.1,
-                                   'visible_weight': 1.0})
+  out = {
+    'heatmaps': jnp.asarray(heat),
+    'landmarks': det.spatial_soft_argmax(jnp.asarray(heat)),
+    'visible_logit': jnp.asarray(logit),
+  }
+  cfg = ml_collections.ConfigDict(
+    {'heatmap_sigma': 1.5, 'coord_weight': 0.1, 'visible_weight': 1.0}
+  )
   loss, parts = lmk.modality_loss(out, jnp.asarray(pts), jnp.asarray(vis), 32, cfg)
-  want = np_modality_loss(heat, np.asarray(out['landmarks']), logit, pts, vis.astype(np.float64),
-                          32, cfg)
+  want = np_modality_loss(
+    heat, np.asarray(out['landmarks']), logit, pts, vis.astype(np.float64), 32, cfg
+  )
   np.testing.assert_allclose(float(loss), want[0], rtol=1e-5)
   for got, ref in zip((parts['heatmap_ce'], parts['mre_px'], parts['visible_bce']), want[1:]):
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
@@ -99,7 +105,9 @@ def test_detection_metrics_by_hand():
   conf = np.zeros((2, K), np.float32)
   conf[:, 0] = 0.9
   conf[0, 1] = 0.8  # an invisible landmark called visible
-  m = detector_eval.detection_metrics(pred, conf, truth, vis, 100, threshold=0.5, radius=0.05 + 1e-6)
+  m = detector_eval.detection_metrics(
+    pred, conf, truth, vis, 100, threshold=0.5, radius=0.05 + 1e-6
+  )
   assert m['mre_px'] == pytest.approx(7.5, abs=1e-4)
   assert m['mre_percent'] == pytest.approx(7.5, abs=1e-4)
   assert m['detection_rate'] == 0.5
@@ -109,8 +117,12 @@ def test_detection_metrics_by_hand():
 
 def test_annotate_record_fields():
   k = K
-  record = {'landmarks': np.zeros((k, 2), np.float32), 'landmark_visible': np.zeros(k, bool),
-            'landmarks_canonical': np.zeros((k, 2), np.float32), 'other': 'kept'}
+  record = {
+    'landmarks': np.zeros((k, 2), np.float32),
+    'landmark_visible': np.zeros(k, bool),
+    'landmarks_canonical': np.zeros((k, 2), np.float32),
+    'other': 'kept',
+  }
   record['landmark_visible'][1] = True
   record['landmarks_canonical'][1] = (0.3, 0.4)
   record['landmarks'][1] = (0.31, 0.41)

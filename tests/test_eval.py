@@ -1,5 +1,5 @@
 """Evaluation library: AUROC against a brute-force reference, CIs, probes, the metric writer."""
-import json
+
 import os
 
 import numpy as np
@@ -37,8 +37,9 @@ def test_linear_probe_separates_informative_features_and_not_noise():
   informative = lambda y: np.c_[y * 1.5 + rng.normal(size=len(y)), rng.normal(size=(len(y), 7))]
   r = probe.linear_probe(informative(y_fit), y_fit, informative(y_test), y_test, bootstrap=100)
   assert r['auroc'] > 0.8 and r['accuracy'] > r['chance_accuracy'] + 0.15
-  noise = probe.linear_probe(rng.normal(size=(200, 8)), y_fit, rng.normal(size=(200, 8)), y_test,
-                             bootstrap=100)
+  noise = probe.linear_probe(
+    rng.normal(size=(200, 8)), y_fit, rng.normal(size=(200, 8)), y_test, bootstrap=100
+  )
   assert 0.35 < noise['auroc'] < 0.65
 
 

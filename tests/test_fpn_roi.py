@@ -1,4 +1,5 @@
 """Feature pyramid shapes per level, ROI attention maps and pooling, model wiring of the heads."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +21,9 @@ def test_fpn_levels_have_paper_strides_and_widths(size):
   model = encoders.build_model(c.model, ('ct',))
   x = jax.ShapeDtypeStruct((2, size, size, 64), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), {'ct': x}, train=False), x)
-  levels = jax.eval_shape(lambda v, x: model.apply(v, x, 'ct', method=AACPModel.pyramid),
-                          variables, x)
+  levels = jax.eval_shape(
+    lambda v, x: model.apply(v, x, 'ct', method=AACPModel.pyramid), variables, x
+  )
   assert tuple(levels) == LEVELS
   for name, stride, width in zip(LEVELS, STRIDES, (64, 128, 256, 512)):
     assert levels[name].shape == (2, size // stride, size // stride, width), name
@@ -67,8 +69,16 @@ def test_attention_pool_matches_numpy_and_uniform_is_average():
 
 
 def tiny_model(**heads):
-  model = AACPModel(modalities=('xray',), depth=18, width=4, projector=(16, 8),
-                    fpn_channels=(4, 8, 8, 8), level_projector=(8, 4), roi_features=4, **heads)
+  model = AACPModel(
+    modalities=('xray',),
+    depth=18,
+    width=4,
+    projector=(16, 8),
+    fpn_channels=(4, 8, 8, 8),
+    level_projector=(8, 4),
+    roi_features=4,
+    **heads,
+  )
   x = {'xray': jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 1)), jnp.float32)}
   return model, model.init(jax.random.key(0), x, train=False), x
 
@@ -81,11 +91,15 @@ def test_roi_maps_for_plotting_and_features_use_them():
   out = model.apply(v, x, train=False)['xray']
   stages = model.apply(v, x['xray'], 'xray', method=AACPModel.backbone)
   # 'features' are c5 attention-pooled with the stride-16 map, not its plain average.
-  np.testing.assert_allclose(out['features'],
-                             np_attention_pool(np.asarray(stages['c5'], np.float32),
-                                               np.asarray(out['attention']).reshape(
-                                                   2, 2, 2, 2, 2).mean(axis=(2, 4))),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    out['features'],
+    np_attention_pool(
+      np.asarray(stages['c5'], np.float32),
+      np.asarray(out['attention']).reshape(2, 2, 2, 2, 2).mean(axis=(2, 4)),
+    ),
+    rtol=1e-4,
+    atol=1e-6,
+  )
   emb = model.apply(v, x['xray'], 'xray', method=AACPModel.embed)
   np.testing.assert_allclose(emb['features'], out['features'], rtol=1e-5)
 
@@ -96,7 +110,8 @@ def test_heads_off_means_no_parameters_and_clear_errors():
   out = model.apply(v, x, train=False)['xray']
   assert 'levels' not in out and 'attention' not in out
   np.testing.assert_allclose(
-      out['features'], model.apply(v, x['xray'], 'xray', method=AACPModel.backbone)['pooled'])
+    out['features'], model.apply(v, x['xray'], 'xray', method=AACPModel.backbone)['pooled']
+  )
   with pytest.raises(ValueError, match='roi_attention'):
     model.apply(v, x['xray'], 'xray', method=AACPModel.attention_maps)
   with pytest.raises(ValueError, match='fpn'):

@@ -1,4 +1,5 @@
 """Multi-scale contrast, cross-modal pseudo-pairs and their InfoNCE, the lambda_cross curriculum."""
+
 import numpy as np
 import pytest
 
@@ -43,15 +44,19 @@ def hand_batch():
 
 def test_pair_matrix_equals_hand_computed():
   c, vis, organs, ids = hand_batch()
-  want = np.array([
+  want = np.array(
+    [
       # 0-2, 0-5: landmark 0 within 0.071; 0-3: landmark 1 at 0.2 fails, organ 0 shared -> 0.5;
       # 0-4: no common landmark, organ 0 shared -> 0.5; 0-1 same modality.
-      [0, 0, 1, .5, .5, 1],
+      [0, 0, 1, 0.5, 0.5, 1],
       [0, 0, 0, 0, 1, 0],  # 1-4: landmark 2 within 0.12
       [1, 0, 0, 1, 0, 0],  # 2-5 are identical but both MRI: no pair within one modality
-      [.5, 0, 1, 0, 0, 1],  # 3-4 share organ 0 but are both X-ray
-      [.5, 1, 0, 0, 0, 0],
-      [1, 0, 0, 1, 0, 0]], np.float32)
+      [0.5, 0, 1, 0, 0, 1],  # 3-4 share organ 0 but are both X-ray
+      [0.5, 1, 0, 0, 0, 0],
+      [1, 0, 0, 1, 0, 0],
+    ],
+    np.float32,
+  )
   got = np.asarray(losses.cross_modal_pairs(c, vis, organs, ids, 0.15))
   np.testing.assert_array_equal(got, want)
   # delta 0.10: the 0.12 landmark pair 1-4 falls back to their shared organ 1.
@@ -59,8 +64,9 @@ def test_pair_matrix_equals_hand_computed():
   tight[1, 4] = tight[4, 1] = 0.5
   np.testing.assert_array_equal(losses.cross_modal_pairs(c, vis, organs, ids, 0.10), tight)
   # The named set without landmark 1: 0-3 now agree on every common landmark.
-  named = np.asarray(losses.cross_modal_pairs(c, vis, organs, ids, 0.15,
-                                              landmark_mask=np.array([1, 0, 1], bool)))
+  named = np.asarray(
+    losses.cross_modal_pairs(c, vis, organs, ids, 0.15, landmark_mask=np.array([1, 0, 1], bool))
+  )
   assert named[0, 3] == named[3, 0] == 1
   # Two common landmarks required: only 0-3 have two, and they fail delta.
   two = np.asarray(losses.cross_modal_pairs(c, vis, organs, ids, 0.15, min_common=2))
@@ -84,8 +90,9 @@ def test_cross_modal_info_nce_matches_numpy():
   c, vis, organs, ids = hand_batch()
   p = np.asarray(losses.cross_modal_pairs(c, vis, organs, ids, 0.15))
   z = unit(np.random.default_rng(3), 6, 5)
-  np.testing.assert_allclose(losses.cross_modal_info_nce(z, ids, p, 0.1),
-                             np_cross_info_nce(z, ids, p, 0.1), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.cross_modal_info_nce(z, ids, p, 0.1), np_cross_info_nce(z, ids, p, 0.1), rtol=1e-5
+  )
   # An organ-only positive counts half: scaling its weight to 1 raises that anchor's loss.
   one = np.where(p > 0, 1.0, 0.0)
   assert np_cross_info_nce(z, ids, one, 0.1) != pytest.approx(np_cross_info_nce(z, ids, p, 0.1))

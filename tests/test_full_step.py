@@ -2,6 +2,7 @@
 
 (The sum of the logged terms is checked on the real step in test_step_sharded.)
 """
+
 import jax
 import pytest
 

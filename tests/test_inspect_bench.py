@@ -1,4 +1,5 @@
 """`aacp_jax.inspect` counts and FLOPs, and `aacp_jax.bench` JSON lines."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,12 @@ def test_paper_model_parameter_counts():
   # FPN at the paper's widths (64, 128, 256, 512) on c2..c5 (256, 512, 1024, 2048 channels):
   # bias-free 1x1 laterals, 1x1 top-down width changes, 3x3 smoothing, BN (scale, bias).
   w, c = (64, 128, 256, 512), (256, 512, 1024, 2048)
-  fpn = (sum(a * b for a, b in zip(w, c)) + sum(w[i] * w[i + 1] for i in range(3))
-         + 9 * sum(x * x for x in w) + 2 * sum(w))
+  fpn = (
+    sum(a * b for a, b in zip(w, c))
+    + sum(w[i] * w[i + 1] for i in range(3))
+    + 9 * sum(x * x for x in w)
+    + 2 * sum(w)
+  )
   assert counts['fpn_ct'] == fpn
   # Level projections GAP -> Dense(256, no bias) -> BN -> Dense(128).
   assert counts['levels_mri'] == sum(x * 256 + 2 * 256 + 256 * 128 + 128 for x in w)
@@ -37,8 +42,9 @@ def test_paper_model_parameter_counts():
   assert comp['roi_attention'] == 3 * counts['roi_xray']
   assert comp['landmark_head'] == 3 * counts['landmarks_ct'] > 0
   assert sum(comp.values()) == counts['total']
-  minimal = inspect_lib.component_counts(inspect_lib.parameter_counts(
-      pretrain.get_config('minimal')))
+  minimal = inspect_lib.component_counts(
+    inspect_lib.parameter_counts(pretrain.get_config('minimal'))
+  )
   assert minimal['fpn'] == minimal['roi_attention'] == 0 and minimal['landmark_head'] > 0
 
 
@@ -52,7 +58,7 @@ def test_flops_see_the_wider_ct_conv1():
   # the image, sum over the 16 output positions of a row = 4 + 6 + 13 * 7 + 5 = 106 per axis.
   valid_taps = sum(len([k for k in range(2 * i - 3, 2 * i + 4) if 0 <= k < 32]) for i in range(16))
   assert valid_taps == 106
-  conv1_extra = 2 * (64 - 1) * 4 * valid_taps ** 2  # 2 FLOPs per multiply-add
+  conv1_extra = 2 * (64 - 1) * 4 * valid_taps**2  # 2 FLOPs per multiply-add
   assert flops['ct'] - flops['xray'] == pytest.approx(conv1_extra, rel=1e-3)
   assert flops['mri'] > flops['xray'] > 0
 
@@ -60,14 +66,32 @@ def test_flops_see_the_wider_ct_conv1():
 def run_bench(command, config='demo'):
   """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config over 2 CPU devices;
   returns every JSON row."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             '--xla_backend_optimization_level=0')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0',
+  )
   out = subprocess.run(
-      [sys.executable, '-m', 'aacp_jax.bench', command, f'--config=configs/pretrain.py:{config}',
-       "--config.modalities=('mri',)",
-       '--config.data.image_size=32', '--config.model.width=4', '--config.batch_size=16',
-       '--config.model.projector=(16,16,8)', '--steps=2', '--warmup=1'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'aacp_jax.bench',
+      command,
+      f'--config=configs/pretrain.py:{config}',
+      "--config.modalities=('mri',)",
+      '--config.data.image_size=32',
+      '--config.model.width=4',
+      '--config.batch_size=16',
+      '--config.model.projector=(16,16,8)',
+      '--steps=2',
+      '--warmup=1',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert all(row['devices'] == 2 for row in rows)
@@ -83,9 +107,11 @@ def test_bench_step_full_and_minimal_side_by_side():
     assert row.get('peak_host_rss_bytes', row.get('peak_device_bytes', 0)) > 0
   assert ratio['bench'] == 'step_ratio' and ratio['variants'] == 'full/minimal'
   assert ratio['train_step_ratio'] == pytest.approx(
-      full['median_step_s'] / minimal['median_step_s'], rel=0.01)
+    full['median_step_s'] / minimal['median_step_s'], rel=0.01
+  )
   assert ratio['inference_ratio'] == pytest.approx(
-      full['median_inference_s'] / minimal['median_inference_s'], rel=0.01)
+    full['median_inference_s'] / minimal['median_inference_s'], rel=0.01
+  )
 
 
 def test_bench_augment_prints_json():

@@ -1,4 +1,5 @@
 """Keypoint annotation workflow: export PNGs, import a CSV / JSON of clicks, bad files refused."""
+
 import csv
 import json
 import os
@@ -6,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import phantoms as ph
@@ -20,8 +21,13 @@ S = 32
 
 @pytest.fixture(scope='module')
 def root(tmp_path_factory):
-  return ph.build(str(tmp_path_factory.mktemp('ph')), seed=0, image_size=S,
-                  counts={'train': {'xray': 12, 'ct': 6}}, progress=False)
+  return ph.build(
+    str(tmp_path_factory.mktemp('ph')),
+    seed=0,
+    image_size=S,
+    counts={'train': {'xray': 12, 'ct': 6}},
+    progress=False,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +50,9 @@ def truth_rows(root, out, names):
       rows.append([name, 'none', '', ''])
     for k in vis:
       y, x = record['landmarks'][k]
-      rows.append([name, lm.LANDMARKS[k], repr(float(y) * info['height']),
-                   repr(float(x) * info['width'])])
+      rows.append(
+        [name, lm.LANDMARKS[k], repr(float(y) * info['height']), repr(float(x) * info['width'])]
+      )
   return rows
 
 
@@ -99,10 +106,16 @@ def test_import_round_trips_the_landmarks(root, exported, tmp_path, fmt):
         got = src[i]
         by_subject.setdefault(got['subject'], set()).add(split)
         # Find the original record by subject and compare the landmarks.
-        orig = [shards.open_source(root, 'train', m)[index[n]['index']] for n in names
-                if index[n]['modality'] == m]
-        match = [o for o in orig if o['subject'] == got['subject']
-                 and np.array_equal(o['image'], got['image'])]
+        orig = [
+          shards.open_source(root, 'train', m)[index[n]['index']]
+          for n in names
+          if index[n]['modality'] == m
+        ]
+        match = [
+          o
+          for o in orig
+          if o['subject'] == got['subject'] and np.array_equal(o['image'], got['image'])
+        ]
         assert len(match) == 1
         np.testing.assert_array_equal(got['landmark_visible'], match[0]['landmark_visible'])
         np.testing.assert_allclose(got['landmarks'], match[0]['landmarks'], atol=1e-6)
@@ -119,11 +132,11 @@ def test_bad_annotations_are_all_reported_and_nothing_is_written(root, exported,
   out, names = exported
   good = truth_rows(root, out, names)[:3]
   bad = good + [
-      ['nope.png', 'cardiac_apex', '1', '1'],  # not exported
-      [names[0], 'carina', '1', '1'],  # not a vocabulary name
-      [names[1], 'cardiac_apex', '40', '3'],  # outside the 32x32 image
-      [names[1], 'aortic_arch', 'nan', '3'],  # NaN
-      [good[0][0], good[0][1], '2', '2'],  # duplicate
+    ['nope.png', 'cardiac_apex', '1', '1'],  # not exported
+    [names[0], 'carina', '1', '1'],  # not a vocabulary name
+    [names[1], 'cardiac_apex', '40', '3'],  # outside the 32x32 image
+    [names[1], 'aortic_arch', 'nan', '3'],  # NaN
+    [good[0][0], good[0][1], '2', '2'],  # duplicate
   ]
   ann = write_csv(str(tmp_path / 'bad.csv'), bad)
   dest = str(tmp_path / 'never')
@@ -131,8 +144,13 @@ def test_bad_annotations_are_all_reported_and_nothing_is_written(root, exported,
     kp.import_annotations(root, dest, ann, index_path=os.path.join(out, kp.INDEX_FILE))
   msg = str(e.value)
   assert '\n' not in msg and msg.startswith('5 annotation problem(s)')
-  for needle in ("'nope.png' is not in index.csv", "unknown landmark 'carina'",
-                 'outside the 32x32 image', 'bad number', 'annotated twice'):
+  for needle in (
+    "'nope.png' is not in index.csv",
+    "unknown landmark 'carina'",
+    'outside the 32x32 image',
+    'bad number',
+    'annotated twice',
+  ):
     assert needle in msg
   assert 'bad.csv:5' in msg  # file and line
   assert not os.path.exists(dest)
@@ -145,9 +163,21 @@ def test_cli_import_error_is_one_line(root, exported, tmp_path):
   out, names = exported
   ann = write_csv(str(tmp_path / 'k.csv'), [[names[0], 'carina', '1', '1']])
   proc = subprocess.run(
-      [sys.executable, '-m', 'data_prep.keypoints', 'import', f'--input={root}',
-       f'--output={tmp_path}/o', f'--annotations={ann}', f'--index={out}/index.csv'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'data_prep.keypoints',
+      'import',
+      f'--input={root}',
+      f'--output={tmp_path}/o',
+      f'--annotations={ann}',
+      f'--index={out}/index.csv',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: 1 annotation problem(s)') and "'carina'" in last

@@ -1,4 +1,5 @@
 """Detector end to end: train a tiny one on phantoms, eval.json, then annotate_landmarks on new shards."""
+
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ def tiny_config():
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   from aacp_jax.train import landmarks as lmk
+
   workdir = str(tmp_path_factory.mktemp('det'))
   results = lmk.train_and_evaluate(tiny_config(), workdir)
   return workdir, results
@@ -85,9 +87,19 @@ def test_annotate_landmarks_writes_detections(trained, tmp_path):
 
 def test_annotate_cli_bad_checkpoint_is_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'data_prep.annotate_landmarks', f'--checkpoint={tmp_path}',
-       f'--input={tmp_path}', f'--output={tmp_path}/o'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'data_prep.annotate_landmarks',
+      f'--checkpoint={tmp_path}',
+      f'--input={tmp_path}',
+      f'--output={tmp_path}/o',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --checkpoint=')
   assert 'Traceback' not in proc.stderr

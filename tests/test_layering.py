@@ -6,6 +6,7 @@ augment, models, losses and the small utilities; methods; restore and experiment
 train; the commands (main, bench, inspect). data_prep sits beside the library and uses it;
 configs use only the JAX-free leaf modules.
 """
+
 import ast
 import os
 import subprocess
@@ -16,27 +17,64 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('aacp_jax', 'configs', 'data_prep')
 
-LEAF = ('aacp_jax', 'aacp_jax.version', 'aacp_jax.modalities', 'aacp_jax.errors',
-        'aacp_jax.workdir', 'aacp_jax.precision')
+LEAF = (
+  'aacp_jax',
+  'aacp_jax.version',
+  'aacp_jax.modalities',
+  'aacp_jax.errors',
+  'aacp_jax.workdir',
+  'aacp_jax.precision',
+  'aacp_jax.augment_defaults',
+)
 BASE = LEAF + ('aacp_jax.sharding', 'aacp_jax.metrics', 'aacp_jax.checkpoint', 'aacp_jax.losses')
 # group -> the groups its modules may import (a module may always import its own group).
 ALLOWED = {
-    'leaf': ('leaf',),
-    'base': ('leaf', 'base'),
-    'aacp_jax.data': ('leaf', 'base'),
-    'aacp_jax.augment': ('leaf', 'base', 'aacp_jax.data'),
-    'aacp_jax.models': ('leaf', 'base'),
-    'aacp_jax.methods': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models'),
-    'registry': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.models', 'aacp_jax.methods'),
-    'aacp_jax.eval': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models',
-                      'registry'),
-    'aacp_jax.train': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models',
-                       'aacp_jax.methods', 'registry', 'aacp_jax.eval'),
-    'commands': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models',
-                 'aacp_jax.methods', 'registry', 'aacp_jax.eval', 'aacp_jax.train'),
-    'configs': ('leaf',),
-    'data_prep': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models',
-                  'registry', 'aacp_jax.eval'),
+  'leaf': ('leaf',),
+  'base': ('leaf', 'base'),
+  'aacp_jax.data': ('leaf', 'base'),
+  'aacp_jax.augment': ('leaf', 'base', 'aacp_jax.data'),
+  'aacp_jax.models': ('leaf', 'base'),
+  'aacp_jax.methods': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.augment', 'aacp_jax.models'),
+  'registry': ('leaf', 'base', 'aacp_jax.data', 'aacp_jax.models', 'aacp_jax.methods'),
+  'aacp_jax.eval': (
+    'leaf',
+    'base',
+    'aacp_jax.data',
+    'aacp_jax.augment',
+    'aacp_jax.models',
+    'registry',
+  ),
+  'aacp_jax.train': (
+    'leaf',
+    'base',
+    'aacp_jax.data',
+    'aacp_jax.augment',
+    'aacp_jax.models',
+    'aacp_jax.methods',
+    'registry',
+    'aacp_jax.eval',
+  ),
+  'commands': (
+    'leaf',
+    'base',
+    'aacp_jax.data',
+    'aacp_jax.augment',
+    'aacp_jax.models',
+    'aacp_jax.methods',
+    'registry',
+    'aacp_jax.eval',
+    'aacp_jax.train',
+  ),
+  'configs': ('leaf',),
+  'data_prep': (
+    'leaf',
+    'base',
+    'aacp_jax.data',
+    'aacp_jax.augment',
+    'aacp_jax.models',
+    'registry',
+    'aacp_jax.eval',
+  ),
 }
 
 
@@ -85,7 +123,7 @@ def imports_of(module: str, path: str, modules: dict) -> set:
       if node.level:
         parts = module.split('.')
         parts = parts if is_package else parts[:-1]
-        parts = parts[:len(parts) - (node.level - 1)]
+        parts = parts[: len(parts) - (node.level - 1)]
         base = '.'.join(parts + ([base] if base else []))
       names = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names]
     else:
@@ -126,7 +164,7 @@ def test_no_cycles():
       if m.startswith(t + '.'):
         continue
       if state.get(t) == 'open':
-        cycles.append(' -> '.join(stack[stack.index(t):] + [t]))
+        cycles.append(' -> '.join(stack[stack.index(t) :] + [t]))
       elif t not in state:
         visit(t)
     stack.pop()
@@ -142,13 +180,16 @@ def test_the_rules_catch_a_back_edge():
   # The checks above must be able to fail: models importing data is a back edge.
   assert 'aacp_jax.data' not in ALLOWED['aacp_jax.models']
   modules = project_modules()
-  assert 'aacp_jax.data.landmarks' in imports_of('aacp_jax.methods.aacp',
-                                                 modules['aacp_jax.methods.aacp'], modules)
+  assert 'aacp_jax.data.landmarks' in imports_of(
+    'aacp_jax.methods.aacp', modules['aacp_jax.methods.aacp'], modules
+  )
 
 
 @pytest.mark.parametrize('module', ['configs.pretrain', 'configs.landmarks'])
 def test_configs_load_without_jax(module):
-  code = (f'import sys; import {module} as c; c.get_config("demo"); '
-          'bad = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "flax", "optax"}); '
-          'assert not bad, bad')
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=600)
+  code = (
+    f'import sys; import {module} as c; c.get_config("demo"); '
+    'bad = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "flax", "optax"}); '
+    'assert not bad, bad'
+  )
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=1800)

@@ -1,5 +1,6 @@
 """The shared loop with a tiny model: config.json, the non-finite policy on steps between log
 steps, resume, and parameters-only restore of the workdir."""
+
 import json
 import os
 
@@ -8,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from aacp_jax import checkpoint as ckpt_lib
@@ -47,41 +47,59 @@ def tiny_config(**overrides):
 
 def make_task_with_nan_at(bad_step):
   """A task whose loss is NaN at 0-based step `bad_step` (None: never)."""
+
   def make_task(config, data):
     model = Tiny()
     tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps)
 
     def loss_fn(params, batch_stats, extra, batch, key, scheduled):
       del key
-      out, new = model.apply({'params': params, 'batch_stats': batch_stats},
-                             {'xray': batch['xray']['image']}, train=True,
-                             mutable=['batch_stats'])
-      value = jnp.mean(out ** 2)
+      out, new = model.apply(
+        {'params': params, 'batch_stats': batch_stats},
+        {'xray': batch['xray']['image']},
+        train=True,
+        mutable=['batch_stats'],
+      )
+      value = jnp.mean(out**2)
       if bad_step is not None:
         value = jnp.where(scheduled['step'] == bad_step, jnp.nan, value)
       return value, (new['batch_stats'], extra, {'loss': value})
 
-    return loop.Task(model=model, dummy_inputs=inputs.dummy_inputs(('xray',), 32), tx=tx,
-                     schedule=schedule, loss_fn=loss_fn, total_steps=config.total_steps,
-                     schedules=lambda step: {'step': step})
+    return loop.Task(
+      model=model,
+      dummy_inputs=inputs.dummy_inputs(('xray',), 32),
+      tx=tx,
+      schedule=schedule,
+      loss_fn=loss_fn,
+      total_steps=config.total_steps,
+      schedules=lambda step: {'step': step},
+    )
+
   return make_task
 
 
 def test_nonfinite_step_between_log_steps_stops_the_run_naming_it(tmp_path):
   config = tiny_config()
   # Step 7 (0-based 6) is not a log step (5, 10): the counter in the state still sees it.
-  with pytest.raises(FloatingPointError, match=r'^steps 6\.\.10: 1 step\(s\) skipped .*'
-                     r'not finite \(the last at step 7\); the state without them is saved in'):
+  with pytest.raises(
+    FloatingPointError,
+    match=r'^steps 6\.\.10: 1 step\(s\) skipped .*'
+    r'not finite \(the last at step 7\); the state without them is saved in',
+  ):
     loop.train(config, str(tmp_path), make_task_with_nan_at(6))
   rows = {r['step']: r for r in read_jsonl(os.path.join(tmp_path, 'metrics.jsonl'))}
   assert sorted(rows) == [5, 10] and rows[10]['nonfinite_steps'] == 1
   assert rows[10]['finite'] == 1.0  # step 10 itself was fine: only the counter tells
   assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '10'))
   # The saved state holds no update from the skipped step: all its parameters are finite.
-  restored = ckpt_lib.Checkpointer(os.path.join(tmp_path, 'checkpoints'), every_steps=1,
-                                   keep=1, async_save=False)
-  variables, step = restored.restore_variables(jax.eval_shape(
-      lambda: Tiny().init(jax.random.key(0), inputs.dummy_inputs(('xray',), 32), train=False)))
+  restored = ckpt_lib.Checkpointer(
+    os.path.join(tmp_path, 'checkpoints'), every_steps=1, keep=1, async_save=False
+  )
+  variables, step = restored.restore_variables(
+    jax.eval_shape(
+      lambda: Tiny().init(jax.random.key(0), inputs.dummy_inputs(('xray',), 32), train=False)
+    )
+  )
   restored.close()
   assert step == 10
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
@@ -98,8 +116,10 @@ def test_a_finite_run_writes_its_config_resumes_and_restores(tmp_path):
   # The same command again finds the run finished: it resumes at 8 and trains nothing.
   again = loop.train(config, str(tmp_path), make_task_with_nan_at(None))
   assert int(again.state.step) == 8
-  np.testing.assert_array_equal(jax.device_get(again.state.params['Dense_0']['kernel']),
-                                jax.device_get(trained.state.params['Dense_0']['kernel']))
+  np.testing.assert_array_equal(
+    jax.device_get(again.state.params['Dense_0']['kernel']),
+    jax.device_get(trained.state.params['Dense_0']['kernel']),
+  )
   rows = read_jsonl(os.path.join(tmp_path, 'metrics.jsonl'))
   assert [r['step'] for r in rows] == [5, 8]
 

@@ -1,4 +1,5 @@
 """Every loss against a plain NumPy reference (loops), plus gradient and invariance checks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +55,7 @@ def np_structure_weights(c, vis, gamma, sigma):
       shared = [l for l in range(c.shape[1]) if vis[i, l] and vis[k, l]]
       if shared:
         d = np.mean([np.linalg.norm(c[i, l] - c[k, l]) for l in shared])
-        w[i, k] = 1 - gamma * np.exp(-d ** 2 / sigma ** 2)
+        w[i, k] = 1 - gamma * np.exp(-(d**2) / sigma**2)
   return np.block([[w, w], [w, w]])
 
 
@@ -127,7 +128,8 @@ def test_structure_weights_match_numpy_and_gamma_zero_is_plain():
   np.testing.assert_array_equal(np.asarray(ones), 1.0)
   z1, z2 = _unit(rng, b, 8), _unit(rng, b, 8)
   assert float(losses.info_nce(z1, z2, 0.07, ones)) == pytest.approx(
-      float(losses.info_nce(z1, z2, 0.07)), abs=1e-6)
+    float(losses.info_nce(z1, z2, 0.07)), abs=1e-6
+  )
   weighted = losses.info_nce(z1, z2, 0.07, got)
   assert float(weighted) == pytest.approx(np_info_nce(z1, z2, 0.07, got), abs=TOL, rel=TOL)
 
@@ -178,19 +180,20 @@ def test_gradients_are_finite():
   rng = np.random.default_rng(5)
   b, k = 4, 4
   z1, z2 = _unit(rng, b, 8), _unit(rng, b, 8)
-  w = np.array(losses.structure_neg_weights(rng.uniform(size=(b, k, 2)), np.ones((b, k), bool),
-                                             1.0, 0.5))  # gamma 1: some weights reach 0
+  w = np.array(
+    losses.structure_neg_weights(rng.uniform(size=(b, k, 2)), np.ones((b, k), bool), 1.0, 0.5)
+  )  # gamma 1: some weights reach 0
   w[0, 1] = 0.0
   z2[1] = z1[1]  # identical pair: distance 0 in the triplet loss
   ref = rng.uniform(size=(b, k, 2)).astype(np.float32)
   vis = np.ones((b, k), bool)
   a_inv = np.linalg.inv(_random_linear(rng, b))
   fns = [
-      lambda x: losses.info_nce(x, z2, 0.07),
-      lambda x: losses.info_nce(x, z2, 0.07, w),
-      lambda x: losses.triplet(x, z2, 0.5, 'hardest'),
-      lambda x: losses.triplet(x, z2, 0.5, 'semihard'),
-      lambda x: losses.spatial_consistency(x[:, :k * 2].reshape(b, k, 2), vis, ref, vis, a_inv),
+    lambda x: losses.info_nce(x, z2, 0.07),
+    lambda x: losses.info_nce(x, z2, 0.07, w),
+    lambda x: losses.triplet(x, z2, 0.5, 'hardest'),
+    lambda x: losses.triplet(x, z2, 0.5, 'semihard'),
+    lambda x: losses.spatial_consistency(x[:, : k * 2].reshape(b, k, 2), vis, ref, vis, a_inv),
   ]
   for fn in fns:
     g = jax.jit(jax.grad(fn))(jnp.asarray(z1))

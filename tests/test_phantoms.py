@@ -1,4 +1,5 @@
 """Phantoms: determinism, physically plausible intensities, landmark geometry, labels, build cache."""
+
 import os
 
 import numpy as np
@@ -77,7 +78,9 @@ def test_mri_contrasts(samples):
     assert csf[:, flair].mean() < wm[:, flair].mean()  # FLAIR: fluid suppressed
     if r['label']:
       lesion = img[lab == T['oedema']]
-      assert lesion[:, flair].mean() > wm[:, flair].mean() and lesion[:, t2].mean() > wm[:, t2].mean()
+      assert (
+        lesion[:, flair].mean() > wm[:, flair].mean() and lesion[:, t2].mean() > wm[:, t2].mean()
+      )
 
 
 def test_labels_and_masks(samples):
@@ -108,10 +111,16 @@ def test_landmarks(samples):
     assert r['landmark_visible'][:8].all()
     for key in ('landmarks', 'landmarks_canonical'):
       p = r[key]
-      assert p[ix('lung_apex_right'), 0] < p[ix('tracheal_bifurcation'), 0] < \
-          p[ix('costophrenic_angle_right'), 0]
-      assert p[ix('costophrenic_angle_right'), 1] < p[ix('cardiac_apex'), 1] < \
-          p[ix('costophrenic_angle_left'), 1]  # patient right on the viewer's left
+      assert (
+        p[ix('lung_apex_right'), 0]
+        < p[ix('tracheal_bifurcation'), 0]
+        < p[ix('costophrenic_angle_right'), 0]
+      )
+      assert (
+        p[ix('costophrenic_angle_right'), 1]
+        < p[ix('cardiac_apex'), 1]
+        < p[ix('costophrenic_angle_left'), 1]
+      )  # patient right on the viewer's left
 
 
 def test_ct_landmark_lies_on_its_anatomy():
@@ -123,7 +132,7 @@ def test_ct_landmark_lies_on_its_anatomy():
     if r['landmark_visible'][ix]:
       y, x = (r['landmarks'][ix] * 64).astype(int)
       hits += 1
-      assert (lab[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] == T['airway']).any()
+      assert (lab[max(y - 2, 0) : y + 3, max(x - 2, 0) : x + 3] == T['airway']).any()
   assert hits
 
 
@@ -141,6 +150,7 @@ def test_build_is_cached(tmp_path):
   assert m['modalities']['ct']['count'] == 3 and m['label_names']['ct'] == ph.LABEL_NAMES['ct']
   src = shards.open_source(root, 'test', 'xray')
   assert rec.encode(src[1]) == rec.encode(
-      ph.make_record('xray', 1, seed=0, image_size=16, split='test'))
+    ph.make_record('xray', 1, seed=0, image_size=16, split='test')
+  )
   ph.build(root, seed=0, image_size=16, counts={'train': {'ct': 4}}, progress=False)
   assert shards.read_manifest(root, 'train')['modalities']['ct']['count'] == 4

@@ -1,4 +1,5 @@
 """Grain pipeline: batch shapes, determinism, process sharding, checkpoint/resume, split arrays."""
+
 import hashlib
 
 import grain
@@ -16,8 +17,9 @@ BATCH = {'ct': 2, 'xray': 4, 'mri': 3}
 
 @pytest.fixture(scope='module')
 def root(tmp_path_factory):
-  return ph.build(str(tmp_path_factory.mktemp('ph')), seed=0, image_size=S, counts=COUNTS,
-                  progress=False)
+  return ph.build(
+    str(tmp_path_factory.mktemp('ph')), seed=0, image_size=S, counts=COUNTS, progress=False
+  )
 
 
 def take(it, n):
@@ -49,7 +51,9 @@ def test_batch_shapes_and_dtypes(root):
     assert batch[m]['image'].dtype == dtypes[m]
     assert batch[m]['landmarks'].shape == (b, k, 2) and batch[m]['landmarks'].dtype == np.float32
     assert batch[m]['landmarks_canonical'].shape == (b, k, 2)
-    assert batch[m]['landmark_visible'].shape == (b, k) and batch[m]['landmark_visible'].dtype == bool
+    assert (
+      batch[m]['landmark_visible'].shape == (b, k) and batch[m]['landmark_visible'].dtype == bool
+    )
     assert batch[m]['organs'].shape == (b, o) and batch[m]['organs'].dtype == np.uint8
 
 
@@ -88,8 +92,16 @@ def test_epochs_cover_every_record_once(root):
 def test_processes_get_disjoint_records(root):
   per_process = []
   for p in range(3):
-    it = pl.pretrain_loader(root, 'train', {'mri': 1}, seed=0, image_size=S, process_index=p,
-                            process_count=3, num_epochs=1)
+    it = pl.pretrain_loader(
+      root,
+      'train',
+      {'mri': 1},
+      seed=0,
+      image_size=S,
+      process_index=p,
+      process_count=3,
+      num_epochs=1,
+    )
     per_process.append({digest(b['mri']['image'][0]) for b in it})
   assert [len(s) for s in per_process] == [6, 5, 5]
   assert len(set.union(*per_process)) == 16  # disjoint, and together the whole split
@@ -97,8 +109,9 @@ def test_processes_get_disjoint_records(root):
 
 def test_too_few_records_is_one_line_error(root):
   with pytest.raises(ValueError) as e:
-    pl.pretrain_loader(root, 'train', {'ct': 7}, seed=0, image_size=S, process_index=1,
-                       process_count=2)
+    pl.pretrain_loader(
+      root, 'train', {'ct': 7}, seed=0, image_size=S, process_index=1, process_count=2
+    )
   msg = str(e.value)
   assert 'ct' in msg and '6 records' in msg and 'batch 7' in msg and '\n' not in msg
 
@@ -115,6 +128,7 @@ def test_get_set_state_resume(root):
 
 def test_orbax_checkpoint_round_trip(root, tmp_path):
   import orbax.checkpoint as ocp  # a required dependency
+
   it = pl.pretrain_loader(root, 'train', BATCH, seed=0, image_size=S)
   take(it, 3)
   ckpt = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())

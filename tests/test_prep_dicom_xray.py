@@ -3,6 +3,7 @@ with planted identifiers: records equal the X-ray ops applied to ``ops.read_dico
 splits follow the CSV, every bad input is a reject with its kind, and no identifier (header values,
 folder and file names, UIDs) reaches any output byte or the terminal.
 """
+
 import copy
 import os
 import shutil
@@ -13,9 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from data_prep import dicom_xray, privacy, runner
+from data_prep import dicom_xray, ops, privacy, runner
 from data_prep import xray_common as xc
-from data_prep import ops
 from tests.test_prep_privacy import IDENTIFIERS, _leaks
 from tests.test_prep_xray_datasets import SIZE, _records
 
@@ -51,8 +51,13 @@ def _tree(raw):
     shown = (200 + 30 * y + 10 * x + rng.normal(0, 20, y.shape)).clip(0, 4000)  # bright low right
     # MONOCHROME1 stores the same picture inverted (low = white), as CR plates write it.
     stored = 4000 - shown if p % 2 else shown
-    _cr(str(raw / rel), stored, 'MONOCHROME1' if p % 2 else 'MONOCHROME2', patient=patient,
-        sop=SOP.format(100 + p))
+    _cr(
+      str(raw / rel),
+      stored,
+      'MONOCHROME1' if p % 2 else 'MONOCHROME2',
+      patient=patient,
+      sop=SOP.format(100 + p),
+    )
     files[rel] = (None, [p % 2] + [0] * 12 + [1])
   for name in ('RG1_UNCR.dcm', 'RG3_UNCR.dcm'):  # real CR radiographs, MONOCHROME1
     shutil.copy(os.path.join(RADIOGRAPHS, name), raw / name)
@@ -67,22 +72,39 @@ def _tree(raw):
   blank = raw / 'blank.dcm'
   _cr(str(blank), np.full((40, 40), 7), 'MONOCHROME2', patient='MRN-7Q3XB', sop=SOP.format(901))
   files['blank.dcm'] = ('empty', [0] * 14)
-  _cr(str(raw / 'unlisted.dcm'), np.eye(40) * 100, 'MONOCHROME2', patient='MRN-7Q3XU',
-      sop=SOP.format(902))
+  _cr(
+    str(raw / 'unlisted.dcm'),
+    np.eye(40) * 100,
+    'MONOCHROME2',
+    patient='MRN-7Q3XU',
+    sop=SOP.format(902),
+  )
   return files
 
 
 def _csv(path, files, extra_rows=()):
   header = 'path,' + ','.join(xc.CHEXPERT_LABELS)
-  lines = [header] + [f'{rel},' + ','.join(str(v) for v in labels)
-                      for rel, (_, labels) in files.items()] + list(extra_rows)
+  lines = (
+    [header]
+    + [f'{rel},' + ','.join(str(v) for v in labels) for rel, (_, labels) in files.items()]
+    + list(extra_rows)
+  )
   path.write_text('\n'.join(lines) + '\n')
 
 
 def _options(raw, out, labels):
-  return runner.Options(input=str(raw), output=str(out), salt=SALT.encode(), workers=0,
-                        image_size=SIZE, items_per_shard=3, progress=False, val_fraction=0.0,
-                        test_fraction=0.0, extra={'labels': str(labels), 'clahe': True})
+  return runner.Options(
+    input=str(raw),
+    output=str(out),
+    salt=SALT.encode(),
+    workers=0,
+    image_size=SIZE,
+    items_per_shard=3,
+    progress=False,
+    val_fraction=0.0,
+    test_fraction=0.0,
+    extra={'labels': str(labels), 'clahe': True},
+  )
 
 
 def test_dicom_radiographs_records_labels_and_rejects(tmp_path):
@@ -91,8 +113,10 @@ def test_dicom_radiographs_records_labels_and_rejects(tmp_path):
   _csv(labels, files, ['missing/gone.dcm,' + ','.join(['1'] * 14)])
   assert dicom_xray.build(_options(raw, out, labels)) == 1
   key = lambda rel: dicom_xray.vc.hashed_key(SALT.encode(), 'dicom_xray', 'file', rel)
-  kinds = {r['key']: r['kind'] for r in map(__import__('json').loads,
-                                           open(out / 'rejects.jsonl', encoding='utf-8'))}
+  kinds = {
+    r['key']: r['kind']
+    for r in map(__import__('json').loads, open(out / 'rejects.jsonl', encoding='utf-8'))
+  }
   want = {key(rel): kind for rel, (kind, _) in files.items() if kind}
   want[key('unlisted.dcm')] = 'missing_label'
   want[key('missing/gone.dcm')] = 'missing_file'
@@ -125,21 +149,36 @@ def test_dicom_xray_command_writes_no_identifier_and_locates(tmp_path):
   raw, out, labels = tmp_path / 'raw', tmp_path / 'out', tmp_path / 'labels.csv'
   files = _tree(raw)
   _csv(labels, files)
-  needles = sorted(set(IDENTIFIERS.values()) | {f'MRN-7Q3X{p}' for p in range(4)} |
-                   {SOP.format(n) for n in (100, 101, 102, 103, 900, 901, 902)} |
-                   set(IDENTIFIERS['PatientName'].split('^')) | {'9RG1', '11RG3', 'RG1_UNCR'})
+  needles = sorted(
+    set(IDENTIFIERS.values())
+    | {f'MRN-7Q3X{p}' for p in range(4)}
+    | {SOP.format(n) for n in (100, 101, 102, 103, 900, 901, 902)}
+    | set(IDENTIFIERS['PatientName'].split('^'))
+    | {'9RG1', '11RG3', 'RG1_UNCR'}
+  )
   planted = {v.lower() for k, v in IDENTIFIERS.items() if k != 'PatientID'}  # ids: MRN-7Q3X0..3
   assert {n for _, n in _leaks(str(raw), needles)} >= planted | {'mrn-7q3x0'}  # the test can fail
-  cmd = [sys.executable, '-m', 'data_prep.dicom_xray', f'--input={raw}', f'--output={out}',
-         f'--salt={SALT}', f'--labels={labels}', '--workers=1', f'--image_size={SIZE}',
-         '--val_fraction=0', '--test_fraction=0']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  cmd = [
+    sys.executable,
+    '-m',
+    'data_prep.dicom_xray',
+    f'--input={raw}',
+    f'--output={out}',
+    f'--salt={SALT}',
+    f'--labels={labels}',
+    '--workers=1',
+    f'--image_size={SIZE}',
+    '--val_fraction=0',
+    '--test_fraction=0',
+  ]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert 'dicom_xray: 6 records' in proc.stdout and '5 rejected' in proc.stdout, proc.stdout
   assert _leaks(str(out), needles, texts=(proc.stdout, proc.stderr)) == []
   # --locate names the file behind a key, on the terminal only.
   bad = [line for line in open(out / 'rejects.jsonl', encoding='utf-8') if 'truncated' in line]
   key = __import__('json').loads(bad[0])['key']
-  where = subprocess.run(cmd + [f'--locate={key}'], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+  where = subprocess.run(
+    cmd + [f'--locate={key}'], cwd=ROOT, capture_output=True, text=True, timeout=1800
+  )
   assert where.returncode == 0 and where.stdout.strip() == f'{SOP.format(900)}.dcm'

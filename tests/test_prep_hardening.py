@@ -3,6 +3,7 @@
 Each case is planted next to good files in the dataset's own layout; the run must reject it with a
 precise kind (or, where the file is fine, write the correct record) and convert the good files.
 """
+
 import os
 import shutil
 import struct
@@ -10,17 +11,17 @@ import zlib
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 import pydicom
 import pytest
 import SimpleITK as sitk
-from PIL import Image
 
 from data_prep import acdc, brats, chexpert, lits, runner
 from data_prep import xray_common as xc
 from data_prep.ops import xray
 from tests.test_prep_volume_datasets import RAS_4MM, options, records, rejects, write_nifti
 from tests.test_prep_volume_mri import _acdc_case, _brats_case
-from tests.test_prep_xray_datasets import (SIZE, _chexpert_row, _options, _records, _rejects, _save)
+from tests.test_prep_xray_datasets import SIZE, _chexpert_row, _options, _records, _rejects, _save
 
 HEADER = 'Path,Sex,Age,Frontal/Lateral,AP/PA,' + ','.join(xc.CHEXPERT_LABELS)
 BAD = 'train/patient00100/study1/view1_frontal'
@@ -28,12 +29,17 @@ BAD = 'train/patient00100/study1/view1_frontal'
 
 def _png(width, height, rows, *, interlace=0):
   """A grey 8-bit PNG whose IHDR says width x height but whose IDAT holds only ``rows`` rows."""
+
   def chunk(kind, data):
     return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
   raw = b''.join(b'\x00' + bytes((40 + i) % 256 for i in range(width)) for _ in range(rows))
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0,
-                                                            interlace))
-          + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, interlace))
+    + chunk(b'IDAT', zlib.compress(raw))
+    + chunk(b'IEND', b'')
+  )
 
 
 def _chexpert(tmp_path, plant, ext='.jpg', row=None):
@@ -59,11 +65,15 @@ def _chexpert(tmp_path, plant, ext='.jpg', row=None):
 def _only(got, tmp_path):
   """The record of the planted file: the one that is neither good patient's."""
   root = tmp_path / 'CheXpert-v1.0-small'
-  expected = [xray.prepare_xray(xray.read_image_file(str(root / f'train/patient{p:05d}/study1/'
-                                                              'view1_frontal.jpg')), size=SIZE)[0]
-              for p in range(2)]
-  rest = [r for rs in got.values() for r in rs
-          if not any(np.array_equal(r['image'], e) for e in expected)]
+  expected = [
+    xray.prepare_xray(
+      xray.read_image_file(str(root / f'train/patient{p:05d}/study1/view1_frontal.jpg')), size=SIZE
+    )[0]
+    for p in range(2)
+  ]
+  rest = [
+    r for rs in got.values() for r in rs if not any(np.array_equal(r['image'], e) for e in expected)
+  ]
   assert len(rest) == 1
   return rest[0]
 
@@ -71,8 +81,10 @@ def _only(got, tmp_path):
 # ---------------------------------------------------------------------------------- 1. X-ray inputs
 def test_constant_8bit_image_is_empty_not_an_all_white_record(tmp_path):
   status, kinds, got, rel = _chexpert(
-      tmp_path, lambda p: Image.fromarray(np.zeros((40, 48), np.uint8)).save(p, format='PNG'),
-      ext='.png')
+    tmp_path,
+    lambda p: Image.fromarray(np.zeros((40, 48), np.uint8)).save(p, format='PNG'),
+    ext='.png',
+  )
   assert status == 1 and kinds == {rel: 'empty'}
   assert sum(len(v) for v in got.values()) == 2
   with pytest.raises(xray.PrepError, match='constant'):
@@ -103,14 +115,16 @@ def test_png_whose_data_does_not_fill_its_header_is_truncated(tmp_path):
   whole = tmp_path / 'whole.png'
   whole.write_bytes(_png(48, 40, rows=40))
   assert xray.read_image_file(str(whole)).shape == (40, 48)
-  status, kinds, _, rel = _chexpert(tmp_path / 'run', lambda p: open(p, 'wb').write(
-      _png(48, 40, rows=12)), ext='.png')
+  status, kinds, _, rel = _chexpert(
+    tmp_path / 'run', lambda p: open(p, 'wb').write(_png(48, 40, rows=12)), ext='.png'
+  )
   assert status == 1 and kinds == {rel: 'truncated'}
 
 
 def test_exif_orientation_is_applied(tmp_path):
   stored = np.ascontiguousarray(np.rot90(np.arange(40 * 48).reshape(40, 48) % 251, 1)).astype(
-      np.uint8)  # as the sensor wrote it: 48 x 40
+    np.uint8
+  )  # as the sensor wrote it: 48 x 40
 
   def plant(path):
     exif = Image.Exif()
@@ -120,10 +134,12 @@ def test_exif_orientation_is_applied(tmp_path):
   status, kinds, got, rel = _chexpert(tmp_path, plant, ext='.png')
   assert status == 0 and not kinds
   upright = np.rot90(stored, -1)  # clockwise: what a viewer shows, 40 x 48
-  np.testing.assert_array_equal(xray.read_image_file(str(tmp_path / 'CheXpert-v1.0-small' / rel)),
-                                upright)
-  np.testing.assert_array_equal(_only(got, tmp_path)['image'],
-                                xray.prepare_xray(upright, size=SIZE)[0])
+  np.testing.assert_array_equal(
+    xray.read_image_file(str(tmp_path / 'CheXpert-v1.0-small' / rel)), upright
+  )
+  np.testing.assert_array_equal(
+    _only(got, tmp_path)['image'], xray.prepare_xray(upright, size=SIZE)[0]
+  )
 
 
 def test_float_tiff_in_unit_range_is_rescaled_not_truncated(tmp_path):
@@ -131,7 +147,8 @@ def test_float_tiff_in_unit_range_is_rescaled_not_truncated(tmp_path):
   values = ((y + x) / 86.0).astype(np.float32)  # 0..1, as float exports store them
 
   status, kinds, got, rel = _chexpert(
-      tmp_path, lambda p: Image.fromarray(values, mode='F').save(p, format='TIFF'), ext='.tif')
+    tmp_path, lambda p: Image.fromarray(values, mode='F').save(p, format='TIFF'), ext='.tif'
+  )
   assert status == 0 and not kinds
   read = xray.read_image_file(str(tmp_path / 'CheXpert-v1.0-small' / rel))
   assert read.dtype == np.float32
@@ -157,8 +174,9 @@ def test_directory_named_like_a_file_is_not_a_file(tmp_path):
 
 def test_decompression_bomb_is_its_own_kind(tmp_path):
   # 20000 x 20000 declared (4e8 pixels, over PIL's 1.8e8 limit), a few bytes of data.
-  status, kinds, _, rel = _chexpert(tmp_path, lambda p: open(p, 'wb').write(_png(20000, 20000, 1)),
-                                    ext='.png')
+  status, kinds, _, rel = _chexpert(
+    tmp_path, lambda p: open(p, 'wb').write(_png(20000, 20000, 1)), ext='.png'
+  )
   assert status == 1 and kinds == {rel: 'decompression_bomb'}
 
 
@@ -173,11 +191,14 @@ def test_zero_byte_and_directory_nifti(tmp_path):
     write_nifti(str(raw / f'segmentation-{n}.nii'), seg, RAS_4MM, np.uint8)
   items, bad = lits.list_items(str(raw))
   assert runner.run('lits', items, lits.convert, options(raw, out), rejects=bad) == 1
-  assert {(r['key'], r['kind']) for r in rejects(out)} == {('volume-1.nii', 'empty'),
-                                                           ('volume-2.nii.gz', 'empty')}
+  assert {(r['key'], r['kind']) for r in rejects(out)} == {
+    ('volume-1.nii', 'empty'),
+    ('volume-2.nii.gz', 'empty'),
+  }
   assert len(records(out)) == 2
   os.makedirs(raw / 'folder.nii')
   from data_prep import ops
+
   with pytest.raises(ops.PrepError) as e:
     ops.read_volume(str(raw / 'folder.nii'))
   assert e.value.kind == 'not_a_file'
@@ -250,8 +271,9 @@ def test_brats_and_acdc_masks_on_other_voxels_are_geometry_rejects(tmp_path):
   moved[1, 3] += 5.0
   nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), moved), str(seg_path))
   items, bad = brats.list_items(str(raw))
-  assert runner.run('brats2020', items, brats.convert, options(raw, out, mni=False),
-                    rejects=bad) == 1
+  assert (
+    runner.run('brats2020', items, brats.convert, options(raw, out, mni=False), rejects=bad) == 1
+  )
   assert [(r['key'], r['kind']) for r in rejects(out)] == [('BraTS20_Training_002', 'geometry')]
   assert records(out, modality='mri')
   raw, out = tmp_path / 'acdc', tmp_path / 'out_acdc'
@@ -262,8 +284,12 @@ def test_brats_and_acdc_masks_on_other_voxels_are_geometry_rejects(tmp_path):
   flipped = gt.affine @ np.diag([-1.0, 1, 1, 1])  # orientation flipped about the origin
   nib.save(nib.Nifti1Image(np.asarray(gt.dataobj), flipped), str(gt_path))
   items, bad = acdc.list_items(str(raw))
-  assert runner.run('acdc', items, acdc.convert, options(raw, out, n4=False), rejects=bad,
-                    split_of=acdc.split_of) == 1
+  assert (
+    runner.run(
+      'acdc', items, acdc.convert, options(raw, out, n4=False), rejects=bad, split_of=acdc.split_of
+    )
+    == 1
+  )
   assert [(r['key'], r['kind']) for r in rejects(out)] == [('training/patient002', 'geometry')]
   assert len(records(out, 'train', 'mri')) == 8
 
@@ -279,6 +305,7 @@ def test_unstripped_head_fails_the_brats_skull_strip_guard(monkeypatch):
   passes; a head (skull shell to 18 mm, zero outside) and a head in MRI noise are ``unstripped``.
   The head with a zero background had brain Dice 0.64, which passed the old 0.6 threshold."""
   from data_prep import ops
+
   z, y, x = np.meshgrid(np.arange(20), np.arange(24), np.arange(24), indexing='ij')
   radius = np.sqrt((x * 2 - 24) ** 2 + (y * 2 - 24) ** 2 + (z * 2 - 20) ** 2)
   template = _ball_image((radius <= 14) * 50.0)

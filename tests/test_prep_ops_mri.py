@@ -1,11 +1,12 @@
 """data_prep.ops MRI: NIfTI geometry, N4, MNI152 registration, skull stripping, normalisation, stacking."""
+
 import os
 
 import nibabel as nib
+from nibabel.testing import data_path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from nibabel.testing import data_path
 
 from data_prep import ops
 
@@ -36,7 +37,9 @@ def test_nibabel_image_converts_to_the_geometry_sitk_reads():
   canon = ops.to_canonical(ops.read_volume(path))
   np.testing.assert_allclose(canon.GetDirection(), np.diag([1.0, 1.0, -1.0]).ravel())
   # The same voxels: columns already ran toward L; rows ran toward A and slices toward S, so both flip.
-  np.testing.assert_array_equal(sitk.GetArrayFromImage(canon), sitk.GetArrayFromImage(theirs)[::-1, ::-1, :])
+  np.testing.assert_array_equal(
+    sitk.GetArrayFromImage(canon), sitk.GetArrayFromImage(theirs)[::-1, ::-1, :]
+  )
   cine = os.path.join(data_path, 'example4d.nii.gz')
   assert ops.read_volume(cine, ndim=4).GetSize() == (128, 96, 24, 2)
   with pytest.raises(ops.PrepError) as e:
@@ -73,12 +76,17 @@ def test_n4_removes_a_known_multiplicative_bias_field():
 def test_rigid_and_affine_registration_recover_a_known_motion(mni4):
   fixed, mask = mni4
   true = _rigid(fixed, (0.0, 3.0, 8.0), (6.0, -4.0, 5.0))
-  moving = sitk.Resample(fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0)  # moving(T p) = fixed(p)
+  moving = sitk.Resample(
+    fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0
+  )  # moving(T p) = fixed(p)
   brain = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[::50, ::-1]  # (x, y, z) indices
   points = [fixed.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in brain]
 
   def error(transform):
-    return max(np.linalg.norm(np.subtract(transform.TransformPoint(p), true.TransformPoint(p))) for p in points)
+    return max(
+      np.linalg.norm(np.subtract(transform.TransformPoint(p), true.TransformPoint(p)))
+      for p in points
+    )
 
   assert error(sitk.Euler3DTransform()) > 10  # the motion is large enough to matter
   assert error(ops.register(moving, fixed, kind='rigid', shrink=(2, 1))) < 1.0  # a quarter voxel
@@ -89,10 +97,13 @@ def test_warp_keeps_mask_labels_and_skull_strip_zeroes_outside(mni4):
   fixed, mask = mni4
   shift = _rigid(fixed, (0, 0, 0), (4.0, 0.0, 0.0))
   moved = ops.warp(mask, fixed, shift, mask=True)
-  assert moved.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayViewFromImage(moved))) == {0, 1}
+  assert moved.GetPixelID() == sitk.sitkUInt8 and set(
+    np.unique(sitk.GetArrayViewFromImage(moved))
+  ) == {0, 1}
   # A 4 mm shift along x is one voxel column: the label moves by exactly one index.
-  np.testing.assert_array_equal(sitk.GetArrayViewFromImage(moved)[:, :, :-1],
-                                sitk.GetArrayViewFromImage(mask)[:, :, 1:])
+  np.testing.assert_array_equal(
+    sitk.GetArrayViewFromImage(moved)[:, :, :-1], sitk.GetArrayViewFromImage(mask)[:, :, 1:]
+  )
   stripped = sitk.GetArrayFromImage(ops.skull_strip(fixed, mask))
   m, t = sitk.GetArrayViewFromImage(mask), sitk.GetArrayViewFromImage(fixed)
   assert (stripped[m == 0] == 0).all()
@@ -114,8 +125,11 @@ def test_instance_normalise_matches_numpy_inside_the_mask():
   # Without a mask, the non-zero voxels are the foreground (background excluded from the statistics).
   y = np.where(mask, x, 0)
   np.testing.assert_allclose(ops.instance_normalise(y), want, rtol=1e-5, atol=1e-5)
-  for bad, kind in ((np.full((4, 4, 4), 7.0), 'empty'), (np.zeros((4, 4, 4)), 'empty'),
-                    (np.where(mask, np.nan, x), 'nan')):
+  for bad, kind in (
+    (np.full((4, 4, 4), 7.0), 'empty'),
+    (np.zeros((4, 4, 4)), 'empty'),
+    (np.where(mask, np.nan, x), 'nan'),
+  ):
     with pytest.raises(ops.PrepError) as e:
       ops.instance_normalise(bad)
     assert e.value.kind == kind
@@ -139,11 +153,21 @@ def test_brain_to_mni_aligns_every_sequence_with_one_transform():
   shell = sitk.BinaryDilate(brain_mask, [4] * 3) - sitk.BinaryDilate(brain_mask, [2] * 3)
   head = template + 0.9 * sitk.Cast(shell, sitk.sitkFloat32)
   true = _rigid(template, (3.0, 0.0, 6.0), (5.0, -3.0, 4.0))
-  t1 = sitk.Resample(head, ops.resample(template, spacing=3.0), true.GetInverse(), sitk.sitkLinear, 0.0)
+  t1 = sitk.Resample(
+    head, ops.resample(template, spacing=3.0), true.GetInverse(), sitk.sitkLinear, 0.0
+  )
   t2 = sitk.Mask(1.0 - t1, sitk.Cast(t1 > 0.05, sitk.sitkUInt8))
-  out, brain = ops.brain_to_mni({'t1': t1, 't2': t2}, resolution=2, kind='rigid', iterations=50,
-                                shrink=(4, 2), bias_correct=False)
-  assert brain.shape == out['t1'].shape == out['t2'].shape == (95, 117, 99)  # canonical (slice, row, col)
+  out, brain = ops.brain_to_mni(
+    {'t1': t1, 't2': t2},
+    resolution=2,
+    kind='rigid',
+    iterations=50,
+    shrink=(4, 2),
+    bias_correct=False,
+  )
+  assert (
+    brain.shape == out['t1'].shape == out['t2'].shape == (95, 117, 99)
+  )  # canonical (slice, row, col)
   inside = brain > 0
   reference = sitk.GetArrayFromImage(ops.to_canonical(template))[inside]
   assert np.corrcoef(out['t1'][inside], reference)[0, 1] > 0.85

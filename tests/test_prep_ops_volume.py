@@ -1,16 +1,16 @@
 """data_prep.ops: DICOM headers, CT volumes, HU, canonical orientation, 1 mm resampling, slabs."""
+
 import copy
 import dataclasses
 import gzip
 import os
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.data import get_testdata_file
 import pytest
 import SimpleITK as sitk
-from pydicom.data import get_testdata_file
 
 from data_prep import ops
 from data_prep.ops import dicom
@@ -27,8 +27,17 @@ def _image(array_zyx, spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3)):
   return img
 
 
-def _write_series(folder, stored, *, spacing=(0.8, 0.7), step=2.5, origin=(-10.0, -20.0, 30.0),
-                  orientation=(1, 0, 0, 0, 1, 0), slopes=None, intercept=-1024.0):
+def _write_series(
+  folder,
+  stored,
+  *,
+  spacing=(0.8, 0.7),
+  step=2.5,
+  origin=(-10.0, -20.0, 30.0),
+  orientation=(1, 0, 0, 0, 1, 0),
+  slopes=None,
+  intercept=-1024.0,
+):
   """One CT series from CT_small's header: slice k of ``stored`` at origin + k * step along the normal,
   files named in reverse order so sorting by name would be wrong."""
   base = pydicom.dcmread(CT_SMALL)
@@ -89,8 +98,13 @@ def test_ct_small_series_through_slabs(tmp_path):
   """The real CT_small slice as a two-slice series 5 mm apart: 1 mm slabs keep its HU statistics."""
   ds = pydicom.dcmread(CT_SMALL)
   hu = ops.to_hu(ds.pixel_array, float(ds.RescaleSlope), float(ds.RescaleIntercept))
-  paths = _write_series(str(tmp_path), [ds.pixel_array] * 2, spacing=[float(v) for v in ds.PixelSpacing],
-                        step=5.0, intercept=float(ds.RescaleIntercept))
+  paths = _write_series(
+    str(tmp_path),
+    [ds.pixel_array] * 2,
+    spacing=[float(v) for v in ds.PixelSpacing],
+    step=5.0,
+    intercept=float(ds.RescaleIntercept),
+  )
   image = ops.read_dicom_series([ops.read_header(p) for p in paths])
   slabs = list(ops.ct_slabs(image, slab=4, stride=4))
   side = int(np.floor(127 * float(ds.PixelSpacing[0]))) + 1  # 1 mm samples over the 84 mm field
@@ -123,14 +137,21 @@ def test_transfer_syntax_checks_name_the_syntax():
   mpeg = dataclasses.replace(h, transfer_syntax='1.2.840.10008.1.2.4.100')
   with pytest.raises(ops.PrepError) as e:
     ops.check_transfer_syntax(mpeg, decoder='sitk')
-  assert e.value.kind == 'unsupported' and 'MPEG2' in str(e.value) and 'CT_small.dcm' in str(e.value)
+  assert (
+    e.value.kind == 'unsupported' and 'MPEG2' in str(e.value) and 'CT_small.dcm' in str(e.value)
+  )
 
 
 def test_sitk_reads_the_compressed_syntaxes_it_claims():
   import data_store
+
   data = os.path.join(os.path.dirname(data_store.__file__), 'data')
-  for name in ('JPEG-LL.dcm', 'emri_small_jpeg_ls_lossless.dcm', 'emri_small_jpeg_2k_lossless.dcm',
-               'emri_small_RLE.dcm'):
+  for name in (
+    'JPEG-LL.dcm',
+    'emri_small_jpeg_ls_lossless.dcm',
+    'emri_small_jpeg_2k_lossless.dcm',
+    'emri_small_RLE.dcm',
+  ):
     h = ops.read_header(os.path.join(data, name))
     assert h.transfer_syntax in dicom.SITK_SYNTAXES, name
     assert sitk.ReadImage(h.path).GetSize()[:2] == (h.columns, h.rows), name
@@ -168,7 +189,9 @@ def test_dicom_series_is_sorted_along_the_normal_and_canonicalised(tmp_path):
   canonical volume has patient right on the left and the top slice first."""
   stored = np.zeros((4, 6, 8), np.int16)
   stored[3, 1, 0] = 2000
-  paths = _write_series(str(tmp_path), stored, orientation=(-1, 0, 0, 0, 1, 0), step=1.0, intercept=0.0)
+  paths = _write_series(
+    str(tmp_path), stored, orientation=(-1, 0, 0, 0, 1, 0), step=1.0, intercept=0.0
+  )
   series, _ = ops.group_series(paths)
   image = ops.to_canonical(ops.read_dicom_series(next(iter(series.values()))))
   np.testing.assert_allclose(image.GetDirection(), np.diag([1.0, 1.0, -1.0]).ravel())
@@ -190,14 +213,24 @@ def test_dicom_series_geometry_rejects(tmp_path, case):
   elif case == 'one_slice':
     headers = headers[:1]
   elif case == 'tilt':  # each slice 0.5 mm further anterior: a 11° gantry tilt
-    headers = [dataclasses.replace(h, position=(h.position[0], h.position[1] - 0.5 * k, h.position[2]))
-               for k, h in enumerate(headers)]
+    headers = [
+      dataclasses.replace(h, position=(h.position[0], h.position[1] - 0.5 * k, h.position[2]))
+      for k, h in enumerate(headers)
+    ]
   else:
     headers[1] = dataclasses.replace(headers[1], rows=7)
   with pytest.raises(ops.PrepError) as e:
     ops.read_dicom_series(headers)
-  assert e.value.kind == {'gap': 'geometry', 'duplicate': 'geometry', 'one_slice': 'dimensions',
-                          'mixed_size': 'dimensions', 'tilt': 'geometry'}[case]
+  assert (
+    e.value.kind
+    == {
+      'gap': 'geometry',
+      'duplicate': 'geometry',
+      'one_slice': 'dimensions',
+      'mixed_size': 'dimensions',
+      'tilt': 'geometry',
+    }[case]
+  )
 
 
 def test_read_volume_mhd_and_nifti_round_trip(tmp_path):
@@ -219,7 +252,9 @@ def test_read_volume_mhd_and_nifti_round_trip(tmp_path):
   np.testing.assert_allclose(got.GetOrigin(), (5.0, -3.0, 12.0), atol=1e-5)
   np.testing.assert_allclose(got.GetSpacing(), (0.6, 0.7, 2.0), atol=1e-6)
   # A 4-D cine (ACDC) is read whole when asked for.
-  nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4)), str(tmp_path / 'cine.nii.gz'))
+  nib.save(
+    nib.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4)), str(tmp_path / 'cine.nii.gz')
+  )
   assert ops.read_volume(str(tmp_path / 'cine.nii.gz'), ndim=4).GetSize() == (4, 5, 6, 3)
 
 
@@ -230,7 +265,7 @@ def _bad_volumes(tmp_path):
   raw.write_bytes(raw.read_bytes()[:500])
   nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / 'full.nii.gz'))
   blob = (tmp_path / 'full.nii.gz').read_bytes()
-  (tmp_path / 'cut.nii.gz').write_bytes(blob[:len(blob) // 2])
+  (tmp_path / 'cut.nii.gz').write_bytes(blob[: len(blob) // 2])
   (tmp_path / 'cut.nii').write_bytes(gzip.decompress(blob)[:900])
   (tmp_path / 'junk.nii.gz').write_bytes(b'\x1f\x8b' + b'junk' * 64)
   (tmp_path / 'junk.mha').write_bytes(b'junk' * 64)
@@ -239,12 +274,25 @@ def _bad_volumes(tmp_path):
   nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / 'nan.nii.gz'))
   sitk.WriteImage(sitk.GetImageFromArray(nan), str(tmp_path / 'nan.mhd'))
   nib.save(nib.Nifti1Image(np.zeros((8, 9), np.int16), np.eye(4)), str(tmp_path / 'flat.nii.gz'))
-  nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.int16), np.eye(4)), str(tmp_path / 'cine.nii.gz'))
-  (tmp_path / 'orphan.mhd').write_text('NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n'
-                                       'ElementDataFile = gone.raw\n')
-  return {'cut.mhd': 'truncated', 'cut.nii.gz': 'truncated', 'cut.nii': 'truncated',
-          'junk.nii.gz': 'corrupt', 'junk.mha': 'corrupt', 'nan.nii.gz': 'nan', 'nan.mhd': 'nan', 'flat.nii.gz': 'dimensions',
-          'cine.nii.gz': 'dimensions', 'orphan.mhd': 'missing_file', 'absent.nii.gz': 'missing_file'}
+  nib.save(
+    nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.int16), np.eye(4)), str(tmp_path / 'cine.nii.gz')
+  )
+  (tmp_path / 'orphan.mhd').write_text(
+    'NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = gone.raw\n'
+  )
+  return {
+    'cut.mhd': 'truncated',
+    'cut.nii.gz': 'truncated',
+    'cut.nii': 'truncated',
+    'junk.nii.gz': 'corrupt',
+    'junk.mha': 'corrupt',
+    'nan.nii.gz': 'nan',
+    'nan.mhd': 'nan',
+    'flat.nii.gz': 'dimensions',
+    'cine.nii.gz': 'dimensions',
+    'orphan.mhd': 'missing_file',
+    'absent.nii.gz': 'missing_file',
+  }
 
 
 def test_read_volume_rejects_each_bad_input_with_its_kind(tmp_path):
@@ -261,20 +309,31 @@ def test_read_volume_rejects_each_bad_input_with_its_kind(tmp_path):
 def test_box_at_known_mm_survives_orientation_and_resampling(direction):
   """A box at known LPS millimetres, stored with anisotropic spacing in three orientations, lands on
   the right rows (A→P), columns (R→L) and slices (S→I) of the 1 mm canonical slabs, mask aligned."""
-  matrices = {'lps': np.eye(3), 'ras': np.diag([-1.0, -1.0, 1.0]),
-              # columns along -z, rows along +y, slices along +x: a sagittal acquisition
-              'sagittal': np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])}
+  matrices = {
+    'lps': np.eye(3),
+    'ras': np.diag([-1.0, -1.0, 1.0]),
+    # columns along -z, rows along +y, slices along +x: a sagittal acquisition
+    'sagittal': np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]),
+  }
   size, spacing = (30, 36, 28), (2.2, 0.9, 1.7)  # (x, y, z) index order, as sitk
-  img = _image(np.full(size[::-1], -1000, np.int16), spacing, origin=(10.0, -15.0, 40.0),
-               direction=matrices[direction])
+  img = _image(
+    np.full(size[::-1], -1000, np.int16),
+    spacing,
+    origin=(10.0, -15.0, 40.0),
+    direction=matrices[direction],
+  )
   centre = np.array(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size]))
-  box = centre[:, None] + np.array([[-4.0, 8.0], [-5.0, 3.0], [-6.0, 7.0]])  # LPS mm: x, y, z ranges
+  box = centre[:, None] + np.array(
+    [[-4.0, 8.0], [-5.0, 3.0], [-6.0, 7.0]]
+  )  # LPS mm: x, y, z ranges
   grid_idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing='ij'), -1).reshape(-1, 3)
   points = np.array(img.GetOrigin()) + (grid_idx * spacing) @ matrices[direction].T
   inside = np.all((points >= box[:, 0]) & (points <= box[:, 1]), axis=1)
   arr = np.full(size, -1000, np.int16)
   arr[tuple(grid_idx[inside].T)] = 1000
-  image = _image(arr.transpose(2, 1, 0), spacing, origin=(10.0, -15.0, 40.0), direction=matrices[direction])
+  image = _image(
+    arr.transpose(2, 1, 0), spacing, origin=(10.0, -15.0, 40.0), direction=matrices[direction]
+  )
   mask = sitk.Cast(image > 0, sitk.sitkUInt8)
   grid = ops.canonical_grid(image)
   slabs = list(ops.ct_slabs(image, mask=mask, slab=8, stride=8))
@@ -284,15 +343,24 @@ def test_box_at_known_mm_survives_orientation_and_resampling(direction):
   for s in slabs:
     assert s.image.dtype == np.int16 and s.image.shape == (grid.size[1], grid.size[0], 8)
     np.testing.assert_array_equal(s.spacing, [1, 1, 1])
-    vol[..., s.start:s.start + 8] = s.image
-    msk[..., s.start:s.start + 8] = s.mask
+    vol[..., s.start : s.start + 8] = s.image
+    msk[..., s.start : s.start + 8] = s.mask
   rows, cols, slices = np.nonzero(vol > 0)
   # Expected index ranges: row = y - oy, col = x - ox, slice = oz - z (slices run inferior).
   ox, oy, oz = grid.origin
   tol = max(spacing) / 2 + 1
-  for got, lo, hi in ((cols, box[0, 0] - ox, box[0, 1] - ox), (rows, box[1, 0] - oy, box[1, 1] - oy),
-                      (slices, oz - box[2, 1], oz - box[2, 0])):
-    assert abs(got.min() - lo) <= tol and abs(got.max() - hi) <= tol, (direction, got.min(), got.max(), lo, hi)
+  for got, lo, hi in (
+    (cols, box[0, 0] - ox, box[0, 1] - ox),
+    (rows, box[1, 0] - oy, box[1, 1] - oy),
+    (slices, oz - box[2, 1], oz - box[2, 0]),
+  ):
+    assert abs(got.min() - lo) <= tol and abs(got.max() - hi) <= tol, (
+      direction,
+      got.min(),
+      got.max(),
+      lo,
+      hi,
+    )
   assert set(np.unique(msk)) == {0, 1}
   np.testing.assert_allclose(np.argwhere(msk).mean(0), np.argwhere(vol > 0).mean(0), atol=0.75)
 
@@ -343,7 +411,9 @@ def test_short_volume_and_misaligned_mask_are_rejected():
 
 def test_prep_error_is_one_line_with_a_known_kind():
   e = ops.PrepError('corrupt', 'a.nii: bad\n  multi-line ITK text')
-  assert isinstance(e, ValueError) and str(e) == 'a.nii: bad multi-line ITK text' and e.kind == 'corrupt'
+  assert (
+    isinstance(e, ValueError) and str(e) == 'a.nii: bad multi-line ITK text' and e.kind == 'corrupt'
+  )
   with pytest.raises(ValueError):
     ops.PrepError('mystery', 'x')
   again = copy.deepcopy(e)  # goes through __reduce__, as a process pool's copy would

@@ -1,12 +1,13 @@
 """data_prep.ops X-ray: DICOM photometric/VOI, PNG/JPG reading, uint8 rescale, CLAHE, resize and pad."""
+
 import copy
 import os
 
 import numpy as np
-import pydicom
-import pytest
 from PIL import Image
+import pydicom
 from pydicom.data import get_testdata_file
+import pytest
 
 from data_prep import ops
 from data_prep.ops import dicom
@@ -29,7 +30,9 @@ def _write_xray(path, stored, photometric, *, spacing=(0.2, 0.3)):
 
 
 def test_monochrome1_is_inverted_and_monochrome2_kept(tmp_path):
-  stored = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (8, 1))  # dark left, bright right as stored
+  stored = np.tile(
+    np.arange(0, 4000, 100, dtype=np.uint16), (8, 1)
+  )  # dark left, bright right as stored
   m2, s2 = ops.read_dicom_xray(_write_xray(str(tmp_path / 'm2.dcm'), stored, 'MONOCHROME2'))
   m1, s1 = ops.read_dicom_xray(_write_xray(str(tmp_path / 'm1.dcm'), stored, 'MONOCHROME1'))
   np.testing.assert_array_equal(m2, stored)
@@ -58,7 +61,11 @@ def test_jpeg_lossless_without_a_decoder_is_unsupported():
     pytest.skip('a JPEG lossless decoder (pylibjpeg/gdcm) is installed here')
   with pytest.raises(ops.PrepError) as e:
     ops.read_dicom_xray(path)
-  assert e.value.kind == 'unsupported' and 'JPEG Lossless' in str(e.value) and 'JPEG-LL.dcm' in str(e.value)
+  assert (
+    e.value.kind == 'unsupported'
+    and 'JPEG Lossless' in str(e.value)
+    and 'JPEG-LL.dcm' in str(e.value)
+  )
 
 
 def test_colour_and_truncated_dicom_are_rejected(tmp_path):
@@ -83,11 +90,17 @@ def test_read_image_file_png_jpg_and_bad_files(tmp_path):
   rgb = np.stack([grey] * 3, -1)
   Image.fromarray(rgb).save(tmp_path / 'c.jpg', quality=95)
   got = ops.read_image_file(str(tmp_path / 'c.jpg'))
-  assert got.shape == (40, 30) and got.dtype == np.uint8 and np.abs(got.astype(int) - grey).mean() < 8
+  assert (
+    got.shape == (40, 30) and got.dtype == np.uint8 and np.abs(got.astype(int) - grey).mean() < 8
+  )
   blob = (tmp_path / 'c.jpg').read_bytes()
-  (tmp_path / 'cut.jpg').write_bytes(blob[:len(blob) // 2])
+  (tmp_path / 'cut.jpg').write_bytes(blob[: len(blob) // 2])
   (tmp_path / 'junk.png').write_bytes(b'not an image' * 10)
-  for name, kind in (('cut.jpg', 'truncated'), ('junk.png', 'corrupt'), ('gone.png', 'missing_file')):
+  for name, kind in (
+    ('cut.jpg', 'truncated'),
+    ('junk.png', 'corrupt'),
+    ('gone.png', 'missing_file'),
+  ):
     with pytest.raises(ops.PrepError) as e:
       ops.read_image_file(str(tmp_path / name))
     assert e.value.kind == kind and name in str(e.value)

@@ -1,4 +1,5 @@
 """data_prep.runner and data_prep.privacy: splits, rejects, resume, workers, crashes, manifest, salt."""
+
 import ast
 import json
 import multiprocessing
@@ -9,8 +10,7 @@ import pytest
 
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import shards
-from data_prep import privacy
-from data_prep import runner
+from data_prep import privacy, runner
 
 SALT = b'test-salt-0123456789'
 CALLS = []  # keys converted in this process (workers=0): what a resumed run must not redo
@@ -41,9 +41,14 @@ def convert(item, subject, options):
     os._exit(7)  # a native crash: the worker process dies without an exception
   for j in range(p.get('n', 1)):
     v = (p['v'] * 7 + j) % 251
-    yield {'image': np.full((6, 5, 1), v, np.uint8), 'modality': 'xray', 'region': 'chest',
-           'spacing': np.array([0.5, 0.25, 0.0], np.float32), 'label': np.array(v % 2, np.int32),
-           'target': np.array(v, np.float32)}
+    yield {
+      'image': np.full((6, 5, 1), v, np.uint8),
+      'modality': 'xray',
+      'region': 'chest',
+      'spacing': np.array([0.5, 0.25, 0.0], np.float32),
+      'label': np.array(v % 2, np.int32),
+      'target': np.array(v, np.float32),
+    }
 
 
 def _items(n=24, **planted):
@@ -53,14 +58,21 @@ def _items(n=24, **planted):
     for name, index in planted.items():
       if i == index:
         payload[name] = 'corrupt' if name == 'reject' else True
-    out.append(runner.Item(key=f'img/{i:03d}.png', subject=f'PAT{i // 3}', modality='xray',
-                           payload=payload))
+    out.append(
+      runner.Item(key=f'img/{i:03d}.png', subject=f'PAT{i // 3}', modality='xray', payload=payload)
+    )
   return out
 
 
 def _options(out, **kw):
-  kw = {'items_per_shard': 5, 'progress': False, 'workers': 0, 'val_fraction': 0.2,
-        'test_fraction': 0.2, **kw}
+  kw = {
+    'items_per_shard': 5,
+    'progress': False,
+    'workers': 0,
+    'val_fraction': 0.2,
+    'test_fraction': 0.2,
+    **kw,
+  }
   return runner.Options(input='/nonexistent', output=str(out), salt=SALT, **kw)
 
 
@@ -107,13 +119,17 @@ def test_run_splits_rejects_manifest(tmp_path):
   out = tmp_path / 'out'
   items = _items(reject=3, boom=4, kind_error=5)
   listing = [('img/999.png', 'missing_label', 'no row in labels.csv')]
-  status = runner.run('toy', items + items[:1], convert, _options(out), rejects=listing,
-                      label_names=['a'])
+  status = runner.run(
+    'toy', items + items[:1], convert, _options(out), rejects=listing, label_names=['a']
+  )
   assert status == 1
   rows = {r['key']: r for r in _rejects(out)}
   assert rows['img/003.png']['kind'] == 'corrupt' and 'planted' in rows['img/003.png']['reason']
-  assert rows['img/004.png'] == {'key': 'img/004.png', 'kind': 'error',
-                                 'reason': 'ZeroDivisionError: planted over two lines'}
+  assert rows['img/004.png'] == {
+    'key': 'img/004.png',
+    'kind': 'error',
+    'reason': 'ZeroDivisionError: planted over two lines',
+  }
   assert rows['img/005.png']['kind'] == 'geometry'
   assert rows['img/999.png']['kind'] == 'missing_label'
   assert [r['kind'] for r in _rejects(out) if r['key'] == 'img/000.png'] == ['duplicate']
@@ -122,8 +138,13 @@ def test_run_splits_rejects_manifest(tmp_path):
     manifest = shards.read_manifest(str(out), split)
     assert manifest['label_names'] == {'xray': ['a']}
     assert manifest['meta']['salt_fingerprint'] == privacy.salt_fingerprint(SALT)
-    assert manifest['meta']['rejected_in_run'] == {'corrupt': 1, 'duplicate': 1, 'error': 1,
-                                                   'geometry': 1, 'missing_label': 1}
+    assert manifest['meta']['rejected_in_run'] == {
+      'corrupt': 1,
+      'duplicate': 1,
+      'error': 1,
+      'geometry': 1,
+      'missing_label': 1,
+    }
     stats = manifest['meta']['stats']['xray']
     assert stats['spacing_mm']['min'] == [0.5, 0.25, 0.0] and stats['image_hw']['max'] == [6, 5]
     src = shards.open_source(str(out), split, 'xray')
@@ -137,6 +158,7 @@ def test_run_splits_rejects_manifest(tmp_path):
       np.testing.assert_array_equal(r['organs'], lm.organ_multi_hot(lm.REGION_ORGANS['chest']))
     # Imported here: it pulls in jax, and spawned workers import this module (keep them light).
     from aacp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     arrays = pipeline.load_split_arrays(str(out), split, 'xray', 8)
     assert len(arrays['label']) == len(src)
   # Every good item is there with all its records; every subject sits in exactly one split.
@@ -153,11 +175,14 @@ def test_split_of_and_leaks(tmp_path):
   items = _items(n=9)
   # Subject PAT0 (items 0-2) has one image in test: all of it stays in test, the rest are leaks.
   official = {'img/000.png': 'train', 'img/001.png': 'test', 'img/002.png': 'val'}
-  status = runner.run('toy', items, convert, _options(tmp_path),
-                      split_of=lambda it: official.get(it.key, 'train'))
+  status = runner.run(
+    'toy', items, convert, _options(tmp_path), split_of=lambda it: official.get(it.key, 'train')
+  )
   assert status == 1
   assert {(r['key'], r['kind']) for r in _rejects(tmp_path)} == {
-      ('img/000.png', 'split_leak'), ('img/002.png', 'split_leak')}
+    ('img/000.png', 'split_leak'),
+    ('img/002.png', 'split_leak'),
+  }
   assert shards.read_manifest(str(tmp_path), 'test')['modalities']['xray']['count'] == 2
   assert shards.read_manifest(str(tmp_path), 'train')['meta']['items'] == 6
   with pytest.raises(ValueError, match="returned 'dev'"):
@@ -178,8 +203,12 @@ def test_resume_skips_finished_shards_byte_identical(tmp_path):
   assert 0 < len(CALLS) <= 5 and _tree(tmp_path) == first
   # Changed input (one payload) redoes exactly the shard holding it.
   CALLS.clear()
-  changed = [runner.Item(it.key, it.subject, it.modality, {**it.payload, 'v': 200})
-             if it.key == 'img/010.png' else it for it in items]
+  changed = [
+    runner.Item(it.key, it.subject, it.modality, {**it.payload, 'v': 200})
+    if it.key == 'img/010.png'
+    else it
+    for it in items
+  ]
   runner.run('toy', changed, convert, _options(tmp_path))
   assert 'img/010.png' in CALLS and len(CALLS) <= 5
   # Fewer inputs renumber the shards; files of the old plan go, split folders hold only the new one.
@@ -203,7 +232,9 @@ def test_workers_match_inline_and_survive_a_crash(tmp_path):
       strip = lambda m: {k: v for k, v in json.loads(m).items() if k != 'created'}
       assert strip(a[path]) == strip(b[path]), path
   crash = [r for r in _rejects(tmp_path / 'w2') if r['kind'] == 'crash']
-  assert [r['key'] for r in crash] == ['img/007.png'] and 'worker process died' in crash[0]['reason']
+  assert [r['key'] for r in crash] == ['img/007.png'] and 'worker process died' in crash[0][
+    'reason'
+  ]
 
 
 def test_bad_options_and_converters(tmp_path):

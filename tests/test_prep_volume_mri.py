@@ -3,6 +3,7 @@ every volumetric ``python -m data_prep.<name>`` command end to end (exit status,
 
 Helpers and the CT fixtures come from test_prep_volume_datasets.py.
 """
+
 import os
 import subprocess
 import sys
@@ -11,11 +12,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from aacp_jax.data import pipeline
-from aacp_jax.data import shards
+from aacp_jax.data import pipeline, shards
 from data_prep import acdc, brats, runner
-from tests.test_prep_volume_datasets import (RAS_4MM, ROOT, SALT, _luna_volume, options, records,
-                                             rejects, write_lidc, write_mhd, write_nifti)
+from tests.test_prep_volume_datasets import (
+  RAS_4MM,
+  ROOT,
+  SALT,
+  _luna_volume,
+  options,
+  records,
+  rejects,
+  write_lidc,
+  write_mhd,
+  write_nifti,
+)
 
 # ----------------------------------------------------------------------------------------------- BraTS
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 23.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
@@ -51,8 +61,9 @@ def _brats_case(folder, name, *, skip=(), nan=False, t2_shape=None, seg_name=Non
   for seq, v in out.items():
     if seq not in skip:
       fname = seg_name if (seq == 'seg' and seg_name) else f'{name}_{seq}.nii.gz'
-      write_nifti(str(folder / name / fname), v, BRATS_AFFINE,
-                  np.uint8 if seq == 'seg' else np.float32)
+      write_nifti(
+        str(folder / name / fname), v, BRATS_AFFINE, np.uint8 if seq == 'seg' else np.float32
+      )
 
 
 def test_brats_slices_channels_masks_and_rejects(tmp_path):
@@ -64,13 +75,27 @@ def test_brats_slices_channels_masks_and_rejects(tmp_path):
   _brats_case(raw, 'BraTS20_Training_005', skip=('t2',))  # missing_file
   _brats_case(raw, 'BraTS20_Training_355', seg_name='W39_1998.09.19_Segm.nii')  # the misnamed one
   items, bad = brats.list_items(str(raw))
-  assert [it.payload['seg'] for it in items if it.key.endswith('355')] == \
-      [os.path.join('BraTS20_Training_355', 'W39_1998.09.19_Segm.nii')]
+  assert [it.payload['seg'] for it in items if it.key.endswith('355')] == [
+    os.path.join('BraTS20_Training_355', 'W39_1998.09.19_Segm.nii')
+  ]
   items = [it for it in items if not it.key.endswith('355')]  # same data as 001: skip the work
-  assert runner.run('brats2020', items, brats.convert, options(raw, out, mni=False),
-                    rejects=bad, label_names=brats.LABEL_NAMES) == 1
+  assert (
+    runner.run(
+      'brats2020',
+      items,
+      brats.convert,
+      options(raw, out, mni=False),
+      rejects=bad,
+      label_names=brats.LABEL_NAMES,
+    )
+    == 1
+  )
   assert {(r['key'][-3:], r['kind']) for r in rejects(out)} == {
-      ('002', 'missing_label'), ('003', 'nan'), ('004', 'dimensions'), ('005', 'missing_file')}
+    ('002', 'missing_label'),
+    ('003', 'nan'),
+    ('004', 'dimensions'),
+    ('005', 'missing_file'),
+  }
   recs = records(out, modality='mri')
   assert 10 <= len(recs) <= 17  # caps with under a quarter of the largest brain area are dropped
   for r in recs:
@@ -105,19 +130,25 @@ def test_brats_mni_path_moves_sequences_and_mask_with_one_transform(monkeypatch)
     return img
 
   z, y, x = np.meshgrid(np.arange(20), np.arange(24), np.arange(24), indexing='ij')
-  ball = lambda cx: ((x * 2 - 24 - cx) ** 2 + (y * 2 - 24) ** 2 + (z * 2 - 20) ** 2 <= 14 ** 2)
+  ball = lambda cx: (x * 2 - 24 - cx) ** 2 + (y * 2 - 24) ** 2 + (z * 2 - 20) ** 2 <= 14**2
   template = image(ball(0).astype(np.float32) * 50, (2.0,) * 3, (0.0,) * 3)
   brain_mask = sitk.Cast(template > 0, sitk.sitkUInt8)
   monkeypatch.setattr(ops, 'mni_template', lambda resolution: (template, brain_mask))
   shift = {'x': 6.0}
-  monkeypatch.setattr(ops, 'register', lambda moving, fixed, **kw: sitk.TranslationTransform(
-      3, (shift['x'], 0.0, 0.0)))
+  monkeypatch.setattr(
+    ops,
+    'register',
+    lambda moving, fixed, **kw: sitk.TranslationTransform(3, (shift['x'], 0.0, 0.0)),
+  )
   case = ball(6) * 100.0 + (x > 15) * ball(6) * 50.0  # the case's brain sits 6 mm toward +x (left)
   seg = ((x * 2 - 24 - 6 - 8) ** 2 + (y * 2 - 24) ** 2 + (z * 2 - 20) ** 2 <= 16).astype(np.uint8)
-  vols = {s: image(case.astype(np.float32) * (i + 1), (2.0,) * 3, (0.0,) * 3)
-          for i, s in enumerate(brats.SEQUENCES)}
+  vols = {
+    s: image(case.astype(np.float32) * (i + 1), (2.0,) * 3, (0.0,) * 3)
+    for i, s in enumerate(brats.SEQUENCES)
+  }
   arrays, mask, spacing = brats.to_standard_space(
-      vols, image(seg, (2.0,) * 3, (0.0,) * 3), {'n4': False, 'mni': True}, 'case')
+    vols, image(seg, (2.0,) * 3, (0.0,) * 3), {'n4': False, 'mni': True}, 'case'
+  )
   np.testing.assert_array_equal(spacing, [2, 2, 2])
   assert arrays['t1'].shape == mask.shape == (20, 24, 24)
   # Brain back on the template's ball; the lesion 8 mm left of the centre, i.e. 4 columns right of
@@ -170,11 +201,23 @@ def test_acdc_frames_masks_groups_and_official_test_split(tmp_path):
   _acdc_case(raw / 'training', 'patient003', skip=('info',))  # missing_label
   _acdc_case(raw / 'training', 'patient004', info='ED: 1\nES: 3\nGroup: XYZ\n')  # unknown_label
   items, bad = acdc.list_items(str(raw))
-  assert runner.run('acdc', items, acdc.convert, options(raw, out, n4=True), rejects=bad,
-                    label_names=acdc.GROUPS, split_of=acdc.split_of) == 1
+  assert (
+    runner.run(
+      'acdc',
+      items,
+      acdc.convert,
+      options(raw, out, n4=True),
+      rejects=bad,
+      label_names=acdc.GROUPS,
+      split_of=acdc.split_of,
+    )
+    == 1
+  )
   assert {(r['key'], r['kind']) for r in rejects(out)} == {
-      ('training/patient002', 'missing_label'), ('training/patient003', 'missing_label'),
-      ('training/patient004', 'unknown_label')}
+    ('training/patient002', 'missing_label'),
+    ('training/patient003', 'missing_label'),
+    ('training/patient004', 'unknown_label'),
+  }
   train, test = records(out, 'train', 'mri'), records(out, 'test', 'mri')
   assert len(train) == len(test) == 8  # ED and ES x 4 slices
   assert {int(r['label']) for r in train} == {acdc.GROUPS.index('DCM')}
@@ -206,31 +249,45 @@ def _one_lits_case(raw):
 def _one_luna_scan(raw):
   uid = '1.3.6.1.4.1.14519.5.2.1.6279.6001.9'
   write_mhd(str(raw / 'subset0' / f'{uid}.mhd'), _luna_volume(), (4.0, 4.0, 2.5), (0.0, 0.0, 0.0))
-  (raw / 'annotations.csv').write_text(f'seriesuid,coordX,coordY,coordZ,diameter_mm\n{uid},40,40,30,8\n')
+  (raw / 'annotations.csv').write_text(
+    f'seriesuid,coordX,coordY,coordZ,diameter_mm\n{uid},40,40,30,8\n'
+  )
 
 
-@pytest.mark.parametrize('module, build, args, status, count', [
+@pytest.mark.parametrize(
+  'module, build, args, status, count',
+  [
     ('lits', _one_lits_case, [], 0, 2),
     ('luna16', _one_luna_scan, ['--slab_stride=32'], 0, 2),
     ('brats', lambda raw: _brats_case(raw, 'BraTS20_Training_001'), ['--mni=false'], 0, 14),
     ('acdc', lambda raw: _acdc_case(raw / 'training', 'patient001'), [], 0, 8),
     ('lidc_idri', write_lidc, ['--crop=32'], 1, 2),  # its radiograph and XML-less series: rejected
-])
+  ],
+)
 def test_commands_convert_and_resume(tmp_path, module, build, args, status, count):
   raw, out = tmp_path / 'raw', tmp_path / 'out'
   raw.mkdir()
   build(raw)
-  cmd = [sys.executable, '-m', f'data_prep.{module}', f'--input={raw}', f'--output={out}',
-         f'--salt={SALT.decode()}', '--workers=0', '--progress=false', '--test_fraction=0',
-         '--val_fraction=0'] + args
-  first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  cmd = [
+    sys.executable,
+    '-m',
+    f'data_prep.{module}',
+    f'--input={raw}',
+    f'--output={out}',
+    f'--salt={SALT.decode()}',
+    '--workers=0',
+    '--progress=false',
+    '--test_fraction=0',
+    '--val_fraction=0',
+  ] + args
+  first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert first.returncode == status, first.stderr[-3000:]
   manifest = shards.read_manifest(str(out), 'train')
   assert sum(m['count'] for m in manifest['modalities'].values()) == count, first.stdout
   if module == 'lits':  # a re-run finds every shard finished and rewrites nothing
     shard = os.path.join(out, 'train', manifest['modalities']['ct']['files'][0]['name'])
     stamp = os.stat(shard).st_mtime_ns
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert os.stat(shard).st_mtime_ns == stamp
     arrays = pipeline.load_split_arrays(str(out), 'train', 'ct', 16)

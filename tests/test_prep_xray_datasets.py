@@ -5,6 +5,7 @@ them, converts at 32 px, and checks the round trip: pixels equal the X-ray ops a
 source file, labels / targets follow their image, splits are official or patient-level, and every
 planted bad input is a reject row with its kind while the good files still convert.
 """
+
 import gzip
 import json
 import os
@@ -15,13 +16,7 @@ import numpy as np
 from PIL import Image
 
 from aacp_jax.data import shards
-from data_prep import chexpert
-from data_prep import covidx
-from data_prep import medmnist
-from data_prep import mimic_cxr
-from data_prep import privacy
-from data_prep import rsna_boneage
-from data_prep import runner
+from data_prep import chexpert, covidx, medmnist, mimic_cxr, privacy, rsna_boneage, runner
 from data_prep import xray_common as xc
 from data_prep.ops import xray
 
@@ -33,8 +28,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _pixels(seed, shape=(40, 48)):
   """A smooth gradient plus noise: survives JPEG and gives CLAHE something to do."""
   rng = np.random.default_rng(seed)
-  y, x = np.mgrid[:shape[0], :shape[1]]
-  return np.clip(40 + y + x // 2 + rng.normal(0, 8, shape) + (13 * seed) % 60, 0, 255).astype(np.uint8)
+  y, x = np.mgrid[: shape[0], : shape[1]]
+  return np.clip(40 + y + x // 2 + rng.normal(0, 8, shape) + (13 * seed) % 60, 0, 255).astype(
+    np.uint8
+  )
 
 
 def _save(path, seed, shape=(40, 48)):
@@ -46,13 +43,22 @@ def _truncate(path):
   with open(path, 'rb') as f:
     data = f.read()
   with open(path, 'wb') as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
 
 
 def _options(root, out, **extra):
-  return runner.Options(input=str(root), output=str(out), salt=SALT, workers=0, image_size=SIZE,
-                        items_per_shard=4, progress=False, val_fraction=0.25, test_fraction=0.25,
-                        extra=extra)
+  return runner.Options(
+    input=str(root),
+    output=str(out),
+    salt=SALT,
+    workers=0,
+    image_size=SIZE,
+    items_per_shard=4,
+    progress=False,
+    val_fraction=0.25,
+    test_fraction=0.25,
+    extra=extra,
+  )
 
 
 def _records(out):
@@ -103,13 +109,15 @@ def test_chexpert_round_trip_and_bad_input_matrix(tmp_path):
       truth[rel] = [0 if v is None else v for v in labels]
       rows[csv_name].append(_chexpert_row(f'CheXpert-v1.0-small/{rel}', labels))
   # The bad-input matrix, one of each kind next to the good files.
-  bad = {'train/patient00100/study1/view1_frontal.jpg': 'corrupt',
-         'train/patient00101/study1/view1_frontal.jpg': 'truncated',
-         'train/patient00102/study1/view1_frontal.jpg': 'empty',
-         'train/patient00103/study1/view1_frontal.jpg': 'dimensions',
-         'train/patient00104/study1/view1_frontal.jpg': 'unknown_label',
-         'train/patient00105/study1/view1_frontal.jpg': 'missing_file',
-         'train/patient00106/study1/view1_frontal.jpg': 'missing_label'}
+  bad = {
+    'train/patient00100/study1/view1_frontal.jpg': 'corrupt',
+    'train/patient00101/study1/view1_frontal.jpg': 'truncated',
+    'train/patient00102/study1/view1_frontal.jpg': 'empty',
+    'train/patient00103/study1/view1_frontal.jpg': 'dimensions',
+    'train/patient00104/study1/view1_frontal.jpg': 'unknown_label',
+    'train/patient00105/study1/view1_frontal.jpg': 'missing_file',
+    'train/patient00106/study1/view1_frontal.jpg': 'missing_label',
+  }
   for rel, kind in bad.items():
     if kind in ('corrupt', 'truncated', 'empty', 'dimensions', 'unknown_label', 'missing_label'):
       _save(str(root / rel), seed=99, shape=(4, 200) if kind == 'dimensions' else (40, 48))
@@ -153,8 +161,9 @@ def _gz_csv(path, header, rows):
 def test_mimic_cxr_official_split_labels_by_study_frontal_only(tmp_path):
   root, out = tmp_path / 'mimic', tmp_path / 'out'
   splits, chex, meta, truth = [], [], [], {}
-  for i, (split, view) in enumerate([('train', 'PA'), ('train', 'AP'), ('validate', 'PA'),
-                                     ('test', 'AP'), ('train', 'LATERAL')]):
+  for i, (split, view) in enumerate(
+    [('train', 'PA'), ('train', 'AP'), ('validate', 'PA'), ('test', 'AP'), ('train', 'LATERAL')]
+  ):
     subject, study, dicom = f'1{i:07d}', f'5{i:07d}', f'dcm-{i}'
     rel = mimic_cxr.image_rel(subject, study, dicom)
     _save(str(root / rel), seed=i)
@@ -167,13 +176,22 @@ def test_mimic_cxr_official_split_labels_by_study_frontal_only(tmp_path):
   splits.append(('nolabel', '58888888', '18888888', 'train'))  # study missing from chexpert.csv
   _save(str(root / mimic_cxr.image_rel('18888888', '58888888', 'nolabel')), seed=8)
   _gz_csv(root / 'mimic-cxr-2.0.0-split.csv.gz', 'dicom_id,study_id,subject_id,split', splits)
-  _gz_csv(root / 'mimic-cxr-2.0.0-chexpert.csv.gz',
-          'subject_id,study_id,' + ','.join(xc.CHEXPERT_LABELS), chex)
-  _gz_csv(root / 'mimic-cxr-2.0.0-metadata.csv.gz', 'dicom_id,subject_id,study_id,'
-          'PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,StudyTime', meta)
+  _gz_csv(
+    root / 'mimic-cxr-2.0.0-chexpert.csv.gz',
+    'subject_id,study_id,' + ','.join(xc.CHEXPERT_LABELS),
+    chex,
+  )
+  _gz_csv(
+    root / 'mimic-cxr-2.0.0-metadata.csv.gz',
+    'dicom_id,subject_id,study_id,'
+    'PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,StudyTime',
+    meta,
+  )
   assert mimic_cxr.build(_options(root, out, frontal_only=True)) == 1
-  assert _rejects(out) == {mimic_cxr.image_rel('19999999', '59999999', 'orphan'): 'missing_label',
-                           mimic_cxr.image_rel('18888888', '58888888', 'nolabel'): 'missing_label'}
+  assert _rejects(out) == {
+    mimic_cxr.image_rel('19999999', '59999999', 'orphan'): 'missing_label',
+    mimic_cxr.image_rel('18888888', '58888888', 'nolabel'): 'missing_label',
+  }
   records = _records(out)
   assert shards.read_manifest(str(out), 'train')['meta']['skipped_not_frontal'] == 1
   assert sum(map(len, records.values())) == 4
@@ -205,9 +223,13 @@ def test_covidx_labels_official_splits_and_leaks(tmp_path):
   for name, text in lines.items():
     (root / name).write_text('\n'.join(text) + '\n')
   assert covidx.build(_options(root, out)) == 1
-  assert _rejects(out) == {'train/bad.png': 'unknown_label', 'train/leak.png': 'split_leak',
-                           'train/img0.jpeg': 'duplicate', 'test/gone.png': 'missing_file',
-                           'test.txt line 5': 'missing_label'}
+  assert _rejects(out) == {
+    'train/bad.png': 'unknown_label',
+    'train/leak.png': 'split_leak',
+    'train/img0.jpeg': 'duplicate',
+    'test/gone.png': 'missing_file',
+    'test.txt line 5': 'missing_label',
+  }
   records = _records(out)
   assert shards.read_manifest(str(out), 'train')['label_names'] == {'xray': list(names)}
   for rel, label in truth.items():
@@ -230,8 +252,10 @@ def test_rsna_boneage_target_and_hash_split(tmp_path):
   _truncate(str(folder / '1501.png'))
   (root / rsna_boneage.CSV).write_text('\n'.join(rows) + '\n')
   assert rsna_boneage.build(_options(root, out)) == 1
-  assert _rejects(out) == {f'{rsna_boneage.FOLDER}/1500.png': 'unknown_label',
-                           f'{rsna_boneage.FOLDER}/1501.png': 'truncated'}
+  assert _rejects(out) == {
+    f'{rsna_boneage.FOLDER}/1500.png': 'unknown_label',
+    f'{rsna_boneage.FOLDER}/1501.png': 'truncated',
+  }
   records = _records(out)
   assert set(records) == {'train', 'val', 'test'}
   for name, months in truth.items():
@@ -264,9 +288,12 @@ def test_medmnist_subsets_official_splits_and_bad_files(tmp_path):
   _npz(root / 'dermamnist.npz')
   (root / 'breastmnist_128.npz').write_bytes(b'PK\x03\x04 truncated zip')
   assert medmnist.build(_options(root, out, image_size_given=True)) == 1
-  assert _rejects(out) == {'chestmnist.npz': 'format', 'dermamnist.npz': 'unsupported',
-                           'breastmnist_128.npz': 'unsupported',
-                           'pneumoniamnist_64.npz/train/000001': 'nan'}
+  assert _rejects(out) == {
+    'chestmnist.npz': 'format',
+    'dermamnist.npz': 'unsupported',
+    'breastmnist_128.npz': 'unsupported',
+    'pneumoniamnist_64.npz/train/000001': 'nan',
+  }
   records = _records(out)
   assert [len(records[s]) for s in ('train', 'val', 'test')] == [3 + 2, 2 + 2, 2 + 2]
   for split in ('train', 'val', 'test'):
@@ -292,14 +319,28 @@ def test_cli_exit_status_and_salt_required(tmp_path):
   (root / 'train.txt').write_text('1 a.png normal x\n1 a.png normal x\n')
   (root / 'test.txt').write_text('2 b.png pneumonia x\n')
   (tmp_path / 'salt').write_text('a-long-enough-secret-salt\n')
-  cmd = [sys.executable, '-m', 'data_prep.covidx', f'--input={root}', f'--output={out}',
-         '--image_size=32', '--workers=0', '--noprogress']
+  cmd = [
+    sys.executable,
+    '-m',
+    'data_prep.covidx',
+    f'--input={root}',
+    f'--output={out}',
+    '--image_size=32',
+    '--workers=0',
+    '--noprogress',
+  ]
   env = {**os.environ, 'PYTHONPATH': _REPO}
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, env=env, timeout=120)
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, env=env, timeout=1800)
   assert proc.returncode != 0 and '--salt or --salt_file' in proc.stderr
   assert not out.exists()
-  proc = subprocess.run(cmd + [f'--salt_file={tmp_path / "salt"}'], capture_output=True, text=True,
-                        cwd=_REPO, env=env, timeout=120)
+  proc = subprocess.run(
+    cmd + [f'--salt_file={tmp_path / "salt"}'],
+    capture_output=True,
+    text=True,
+    cwd=_REPO,
+    env=env,
+    timeout=1800,
+  )
   assert proc.returncode == 1, proc.stderr
   last = proc.stdout.strip().splitlines()[-1]
   assert '2 records' in last and '1 rejected (duplicate 1)' in last

@@ -1,4 +1,5 @@
 """Record codec: exact round trips, schema checks and damaged-bytes detection."""
+
 import struct
 
 import numpy as np
@@ -20,10 +21,20 @@ def make(modality='ct', size=8, **overrides):
     image = rng.integers(info.min, info.max, (size, size, channels), endpoint=True).astype(dtype)
   pts, vis, canon = lm.empty_landmarks()
   pts[:3], vis[:3], canon[:3] = rng.uniform(0, 1, (3, 2)), True, rng.uniform(0, 1, (3, 2))
-  record = dict(image=image, modality=modality, region='chest', source='unit', subject='ab12',
-                spacing=np.array([1, 1, 1], np.float32), landmarks=pts, landmark_visible=vis,
-                landmarks_canonical=canon, organs=lm.organ_multi_hot(['lungs', 'heart']),
-                mask=np.zeros((size, size), np.uint8), label=np.array(1, np.int32))
+  record = dict(
+    image=image,
+    modality=modality,
+    region='chest',
+    source='unit',
+    subject='ab12',
+    spacing=np.array([1, 1, 1], np.float32),
+    landmarks=pts,
+    landmark_visible=vis,
+    landmarks_canonical=canon,
+    organs=lm.organ_multi_hot(['lungs', 'heart']),
+    mask=np.zeros((size, size), np.uint8),
+    label=np.array(1, np.int32),
+  )
   record.update(overrides)
   return record
 
@@ -52,8 +63,22 @@ def test_optional_keys_may_be_absent():
   assert_same(r, rec.decode(rec.encode(r)))
 
 
-@pytest.mark.parametrize('dtype', ['bool', 'uint8', 'uint16', 'int16', 'int32', 'int64', 'float16',
-                                   'float32', 'float64', '>i4', '>f8'])
+@pytest.mark.parametrize(
+  'dtype',
+  [
+    'bool',
+    'uint8',
+    'uint16',
+    'int16',
+    'int32',
+    'int64',
+    'float16',
+    'float32',
+    'float64',
+    '>i4',
+    '>f8',
+  ],
+)
 @pytest.mark.parametrize('shape', [(), (0,), (3,), (2, 3, 4)])
 def test_array_codec_every_dtype(dtype, shape):
   a = (np.arange(int(np.prod(shape))) * 37 - 5).reshape(shape).astype(dtype)
@@ -81,29 +106,41 @@ def _invisible_nonzero(r):
 
 
 BAD = {
-    'nan landmarks': ('landmarks', 'NaN', _nan_landmark),
-    'landmarks outside [0, 1]': ('landmarks', 'outside', _outside),
-    'canonical outside': ('landmarks_canonical', 'outside',
-                          lambda r: r['landmarks_canonical'].__setitem__((0, 0), -0.1)),
-    'invisible not zero': ('landmarks', '(0, 0)', _invisible_nonzero),
-    'wrong K': ('landmarks', 'shape', lambda r: r.update(landmarks=r['landmarks'][:-1])),
-    'wrong visible K': ('landmark_visible', 'shape',
-                        lambda r: r.update(landmark_visible=np.ones(K + 1, bool))),
-    'landmarks float64': ('landmarks', 'dtype',
-                          lambda r: r.update(landmarks=r['landmarks'].astype(np.float64))),
-    'image dtype': ('image', 'dtype', lambda r: r.update(image=r['image'].astype(np.float32))),
-    'channel count': ('image', 'shape', lambda r: r.update(image=r['image'][..., :63])),
-    'image rank': ('image', 'shape', lambda r: r.update(image=r['image'][..., 0])),
-    'organs length': ('organs', 'shape', lambda r: r.update(organs=np.zeros(O - 1, np.uint8))),
-    'organs not binary': ('organs', 'multi-hot', lambda r: r['organs'].__setitem__(0, 2)),
-    'empty subject': ('subject', 'non-empty', lambda r: r.update(subject='')),
-    'unknown modality': ('modality', 'expected', lambda r: r.update(modality='pet')),
-    'missing key': ('spacing', 'missing', lambda r: r.pop('spacing')),
-    'unknown key': ('patient_name', 'not a record key', lambda r: r.update(patient_name='x')),
-    'mask shape': ('mask', 'shape', lambda r: r.update(mask=np.zeros((4, 4), np.uint8))),
-    'label shape': ('label', 'shape', lambda r: r.update(label=np.zeros(2, np.int32))),
-    'spacing negative': ('spacing', '>= 0',
-                         lambda r: r.update(spacing=np.array([1, -1, 1], np.float32))),
+  'nan landmarks': ('landmarks', 'NaN', _nan_landmark),
+  'landmarks outside [0, 1]': ('landmarks', 'outside', _outside),
+  'canonical outside': (
+    'landmarks_canonical',
+    'outside',
+    lambda r: r['landmarks_canonical'].__setitem__((0, 0), -0.1),
+  ),
+  'invisible not zero': ('landmarks', '(0, 0)', _invisible_nonzero),
+  'wrong K': ('landmarks', 'shape', lambda r: r.update(landmarks=r['landmarks'][:-1])),
+  'wrong visible K': (
+    'landmark_visible',
+    'shape',
+    lambda r: r.update(landmark_visible=np.ones(K + 1, bool)),
+  ),
+  'landmarks float64': (
+    'landmarks',
+    'dtype',
+    lambda r: r.update(landmarks=r['landmarks'].astype(np.float64)),
+  ),
+  'image dtype': ('image', 'dtype', lambda r: r.update(image=r['image'].astype(np.float32))),
+  'channel count': ('image', 'shape', lambda r: r.update(image=r['image'][..., :63])),
+  'image rank': ('image', 'shape', lambda r: r.update(image=r['image'][..., 0])),
+  'organs length': ('organs', 'shape', lambda r: r.update(organs=np.zeros(O - 1, np.uint8))),
+  'organs not binary': ('organs', 'multi-hot', lambda r: r['organs'].__setitem__(0, 2)),
+  'empty subject': ('subject', 'non-empty', lambda r: r.update(subject='')),
+  'unknown modality': ('modality', 'expected', lambda r: r.update(modality='pet')),
+  'missing key': ('spacing', 'missing', lambda r: r.pop('spacing')),
+  'unknown key': ('patient_name', 'not a record key', lambda r: r.update(patient_name='x')),
+  'mask shape': ('mask', 'shape', lambda r: r.update(mask=np.zeros((4, 4), np.uint8))),
+  'label shape': ('label', 'shape', lambda r: r.update(label=np.zeros(2, np.int32))),
+  'spacing negative': (
+    'spacing',
+    '>= 0',
+    lambda r: r.update(spacing=np.array([1, -1, 1], np.float32)),
+  ),
 }
 
 
@@ -117,8 +154,9 @@ def test_bad_record_names_key(case):
       check()
     msg = str(e.value)
     assert f"'{key}'" in msg and words in msg and '\n' not in msg, msg
-  assert 'f.array_record:3' in str(pytest.raises(rec.RecordError, rec.validate, r,
-                                                 where='f.array_record:3').value)
+  assert 'f.array_record:3' in str(
+    pytest.raises(rec.RecordError, rec.validate, r, where='f.array_record:3').value
+  )
 
 
 def test_mri_non_finite_image_rejected():
@@ -169,11 +207,18 @@ def test_foreign_bytes():
 
 def test_decoded_record_is_validated():
   # A record written by a buggy encoder (valid CRC, bad content) must still be refused on read.
-  import msgpack  # pylint: disable=g-import-not-at-top
   import zlib  # pylint: disable=g-import-not-at-top
+
+  import msgpack  # pylint: disable=g-import-not-at-top
+
   r = make('xray')
   r['landmarks'][0, 0] = np.nan
-  payload = msgpack.packb({k: v if isinstance(v, str) else rec._pack_array(v)  # pylint: disable=protected-access
-                           for k, v in r.items()}, use_bin_type=True)
+  payload = msgpack.packb(
+    {
+      k: v if isinstance(v, str) else rec._pack_array(v)  # pylint: disable=protected-access
+      for k, v in r.items()
+    },
+    use_bin_type=True,
+  )
   data = struct.pack('<4sHIQ', b'AACR', rec.VERSION, zlib.crc32(payload), len(payload)) + payload
   assert "'landmarks' has NaN" in _decode_error(data)

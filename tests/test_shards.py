@@ -1,4 +1,5 @@
 """ArrayRecord shards: layout, manifest, random access, and one-line errors for damaged files."""
+
 import hashlib
 import json
 import os
@@ -24,17 +25,26 @@ def _records(modality, n):
 
 @pytest.fixture
 def root(tmp_path):
-  shards.write_split(str(tmp_path), 'train', {'xray': _records('xray', 10),
-                                              'ct': (r for r in _records('ct', 3))},
-                     seed=7, num_shards={'xray': 3}, label_names={'xray': ['a', 'b']})
+  shards.write_split(
+    str(tmp_path),
+    'train',
+    {'xray': _records('xray', 10), 'ct': (r for r in _records('ct', 3))},
+    seed=7,
+    num_shards={'xray': 3},
+    label_names={'xray': ['a', 'b']},
+  )
   return str(tmp_path)
 
 
 def test_layout_and_manifest(root):
   names = sorted(os.listdir(os.path.join(root, 'train')))
-  assert names == ['ct-00000-of-00001.array_record', 'manifest.json',
-                   'xray-00000-of-00003.array_record', 'xray-00001-of-00003.array_record',
-                   'xray-00002-of-00003.array_record']  # no temporary files left behind
+  assert names == [
+    'ct-00000-of-00001.array_record',
+    'manifest.json',
+    'xray-00000-of-00003.array_record',
+    'xray-00001-of-00003.array_record',
+    'xray-00002-of-00003.array_record',
+  ]  # no temporary files left behind
   m = shards.read_manifest(root, 'train')
   assert m['seed'] == 7 and m['split'] == 'train' and m['code_version'] and m['created']
   assert m['label_names'] == {'xray': ['a', 'b']}
@@ -69,8 +79,11 @@ def test_auto_num_shards():
 def test_rewrite_replaces_old_shards(root):
   shards.write_split(root, 'train', {'xray': _records('xray', 4)}, seed=1)
   assert shards.shard_paths(root, 'train', 'xray')[0].endswith('xray-00000-of-00001.array_record')
-  assert not [n for n in os.listdir(os.path.join(root, 'train')) if n.startswith('xray-0000')
-              and not n.endswith('of-00001.array_record')]
+  assert not [
+    n
+    for n in os.listdir(os.path.join(root, 'train'))
+    if n.startswith('xray-0000') and not n.endswith('of-00001.array_record')
+  ]
   assert len(shards.open_source(root, 'train', 'xray')) == 4
 
 
@@ -104,7 +117,7 @@ def test_missing_shard(root):
 def test_truncated_shard(root):
   path = shards.shard_paths(root, 'train', 'xray')[0]
   data = open(path, 'rb').read()
-  open(path, 'wb').write(data[:len(data) // 2])
+  open(path, 'wb').write(data[: len(data) // 2])
   for verify in (True, False):
     msg = _error(lambda v=verify: shards.open_source(root, 'train', 'xray', verify=v))
     assert path in msg and 'truncated' in msg
@@ -114,7 +127,7 @@ def test_truncated_shard_with_matching_manifest(root):
   # Even if the manifest agrees with the damaged size, array_record's own errors surface as ShardError.
   path = shards.shard_paths(root, 'train', 'xray')[0]
   data = open(path, 'rb').read()
-  open(path, 'wb').write(data[:len(data) - 100])
+  open(path, 'wb').write(data[: len(data) - 100])
   mpath = os.path.join(root, 'train', 'manifest.json')
   m = json.load(open(mpath))
   m['modalities']['xray']['files'][0]['bytes'] = len(data) - 100

@@ -1,4 +1,5 @@
 """The spatial-consistency loss in pretraining: landmark head, step metrics, gradient path."""
+
 import functools
 
 import jax
@@ -40,9 +41,13 @@ def host_batch(config, n=8, seed=0):
       image = np.clip(image + 128, 0, 255)
     visible = rng.uniform(size=(n, K)) < 0.7
     lms = rng.uniform(0.3, 0.7, (n, K, 2)).astype(np.float32) * visible[..., None]
-    out[m] = {'image': image.astype(dtype), 'landmarks': lms, 'landmark_visible': visible,
-              'landmarks_canonical': lms.copy(),
-              'organs': (rng.uniform(size=(n, len(lm.ORGANS))) < 0.5).astype(np.uint8)}
+    out[m] = {
+      'image': image.astype(dtype),
+      'landmarks': lms,
+      'landmark_visible': visible,
+      'landmarks_canonical': lms.copy(),
+      'organs': (rng.uniform(size=(n, len(lm.ORGANS))) < 0.5).astype(np.uint8),
+    }
   return out
 
 
@@ -95,8 +100,12 @@ def test_spatial_gradient_reaches_the_encoder():
   views = make_views(jax.random.key(2), batch, config)
 
   def spatial_only(params):
-    out, _ = model.apply({'params': params, 'batch_stats': v['batch_stats']},
-                         {'mri': views['mri']['image']}, train=True, mutable=['batch_stats'])
+    out, _ = model.apply(
+      {'params': params, 'batch_stats': v['batch_stats']},
+      {'mri': views['mri']['image']},
+      train=True,
+      mutable=['batch_stats'],
+    )
     ctx = terms.Context(out=out, views=views, batch=batch, config=config, neg_weights={})
     return terms.spatial_term(ctx, 'mri')[0]
 
@@ -114,7 +123,8 @@ def test_no_spatial_has_no_spatial_metrics():
   assert not any(k.startswith('landmarks_') for k in v['params'])
   batch = jax.tree.map(jnp.asarray, host_batch(config))
   _, (_, metrics) = jax.jit(functools.partial(loss_fn, model=model, config=config))(
-      v['params'], v['batch_stats'], batch, jax.random.key(1))
+    v['params'], v['batch_stats'], batch, jax.random.key(1)
+  )
   assert not any(k.startswith('spatial') for k in metrics)
   assert 'contrast_mri' in metrics
 

@@ -1,4 +1,5 @@
 """End to end with a tiny ResNet on tiny phantoms: train, checkpoint, interrupt, resume, probe."""
+
 import json
 import os
 import signal
@@ -13,29 +14,34 @@ from aacp_jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    '--config=configs/pretrain.py:demo',  # the full model, CT, MRI and X-ray in every step
-    '--config.data.image_size=32',
-    '--config.data.phantoms.train=32',
-    '--config.data.phantoms.test=16',
-    '--config.batch_size=32',
-    '--config.model.width=4',
-    '--config.model.projector=(32,32,16)',
-    '--config.total_steps=24',
-    '--config.log_every_steps=1',
-    '--config.checkpoint_every_steps=4',
-    '--config.eval.bootstrap=50',
-    '--config.eval.l2=0.01',
+  '--config=configs/pretrain.py:demo',  # the full model, CT, MRI and X-ray in every step
+  '--config.data.image_size=32',
+  '--config.data.phantoms.train=32',
+  '--config.data.phantoms.test=16',
+  '--config.batch_size=32',
+  '--config.model.width=4',
+  '--config.model.projector=(32,32,16)',
+  '--config.total_steps=24',
+  '--config.log_every_steps=1',
+  '--config.checkpoint_every_steps=4',
+  '--config.eval.bootstrap=50',
+  '--config.eval.l2=0.01',
 ]
 
 
 def start(workdir, *extra):
   env = dict(os.environ)  # conftest's XLA flags: 8 CPU devices.
-  return subprocess.Popen([sys.executable, '-m', 'aacp_jax.main', *TINY, *extra,
-                           f'--workdir={workdir}'], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'aacp_jax.main', *TINY, *extra, f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
-def finish(proc, timeout=300):
+def finish(proc, timeout=1800):
   out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, err[-3000:]
   return out
@@ -46,7 +52,7 @@ def losses(workdir):
   return {r['step']: r['loss'] for r in rows}
 
 
-def wait_for_step(workdir, proc, step, timeout=300):
+def wait_for_step(workdir, proc, step, timeout=1800):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and step in losses(workdir):
@@ -74,8 +80,9 @@ def test_interrupt_and_resume_continues_exactly(tmp_path):
   assert sorted(want) == list(range(1, 25))
   assert sorted(got) == list(range(1, 25)), 'a step was repeated or skipped'
   # Same params, same data order, same augmentation keys: the same losses after the resume.
-  np.testing.assert_allclose([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)], rtol=1e-6
+  )
   # The full model (the demo default) logs every term of its loss, per modality, on every row;
   # the cross-modal curriculum, scaled to this 24-step run (2 steps per epoch: epochs 50..100 of
   # 200 become 3..6), ramps from 0 over steps 6..12 to 0.3. Row s holds the weight of step s - 1.

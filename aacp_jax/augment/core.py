@@ -3,6 +3,7 @@
 Sampling and application are separate so tests and plots can see which ops fired, vmap the cheap
 sampling over thousands of draws, and build hand-made parameters (e.g. a pure translation).
 """
+
 import functools
 
 import jax
@@ -10,18 +11,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from aacp_jax import augment_defaults, precision
 from aacp_jax.augment import config as config_lib
-from aacp_jax.augment import intensity
-from aacp_jax.augment import spatial
+from aacp_jax.augment import intensity, spatial
 
-OPS = ('crop', 'rotate', 'translate', 'scale', 'flip', 'elastic',
-       'brightness', 'contrast', 'noise', 'cutout')
+OPS = (
+  'crop',
+  'rotate',
+  'translate',
+  'scale',
+  'flip',
+  'elastic',
+  'brightness',
+  'contrast',
+  'noise',
+  'cutout',
+)
 _NUM_UNIFORMS = 24  # scalars drawn per sample (at most 22 used), in one draw
 
 
 def _frozen(cfg):
   # Static jit arguments must hash; a FrozenConfigDict does, by value.
-  cfg = config_lib.default_config() if cfg is None else cfg
+  cfg = augment_defaults.default_config() if cfg is None else cfg
   if isinstance(cfg, ml_collections.FrozenConfigDict):
     return cfg
   return ml_collections.FrozenConfigDict(cfg)
@@ -37,31 +48,31 @@ def identity_params(cfg=None):
   off = jnp.bool_(False)
   g = int(cfg.elastic.grid)
   return {
-      'fired': {op: off for op in OPS},
-      'crop': jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32),
-      'angle': jnp.float32(0.0),
-      'translate': jnp.zeros((2,), jnp.float32),
-      'scale': jnp.ones((2,), jnp.float32),
-      'flip': off,
-      'elastic': jnp.zeros((g, g, 2), jnp.float32),
-      'brightness': jnp.float32(0.0),
-      'contrast': jnp.float32(1.0),
-      'noise_std': jnp.float32(0.0),
-      'noise_key': jax.random.PRNGKey(0),
-      'cutout_box': jnp.zeros((4,), jnp.float32),
+    'fired': {op: off for op in OPS},
+    'crop': jnp.array([0.0, 0.0, 1.0, 1.0], precision.real()),
+    'angle': precision.real()(0.0),
+    'translate': jnp.zeros((2,), precision.real()),
+    'scale': jnp.ones((2,), precision.real()),
+    'flip': off,
+    'elastic': jnp.zeros((g, g, 2), precision.real()),
+    'brightness': precision.real()(0.0),
+    'contrast': precision.real()(1.0),
+    'noise_std': precision.real()(0.0),
+    'noise_key': jax.random.PRNGKey(0),
+    'cutout_box': jnp.zeros((4,), precision.real()),
   }
 
 
 def _sample_params(key, landmarks, visible, modality, cfg):
   config_lib.check_modality(modality)
   k_u, k_elastic, k_noise = jax.random.split(key, 3)
-  uniforms = jax.random.uniform(k_u, (_NUM_UNIFORMS,), jnp.float32)
+  uniforms = jax.random.uniform(k_u, (_NUM_UNIFORMS,), precision.real())
   taken = [0]
 
   def u(n=None, lo=0.0, hi=1.0):
     # Consume the next n (or 1, as a scalar) uniforms, mapped to [lo, hi).
     m = 1 if n is None else n
-    v = uniforms[taken[0]:taken[0] + m]
+    v = uniforms[taken[0] : taken[0] + m]
     taken[0] += m
     v = lo + v * (hi - lo)
     return v[0] if n is None else v
@@ -69,14 +80,15 @@ def _sample_params(key, landmarks, visible, modality, cfg):
   bern = lambda prob: u() < prob  # uniform in [0, 1): p = 0 never fires, p = 1 always does
   p = identity_params(cfg)
   fired = dict(p['fired'])
-  landmarks = jnp.asarray(landmarks, jnp.float32)
+  landmarks = jnp.asarray(landmarks, precision.real())
   visible = jnp.asarray(visible, bool)
 
   if cfg.anatomy_aware:
     if cfg.crop.enabled:
       fired['crop'] = jnp.bool_(True)
-      p['crop'] = spatial.anatomy_crop(u(4), landmarks, visible, cfg.crop.area,
-                                       cfg.crop.ratio, cfg.crop.margin)
+      p['crop'] = spatial.anatomy_crop(
+        u(4), landmarks, visible, cfg.crop.area, cfg.crop.ratio, cfg.crop.margin
+      )
     fired['rotate'] = bern(cfg.rotation.p)
     max_rad = float(np.deg2rad(cfg.rotation.max_deg))
     p['angle'] = jnp.where(fired['rotate'], u(None, -max_rad, max_rad), 0.0)
@@ -105,10 +117,10 @@ def _sample_params(key, landmarks, visible, modality, cfg):
   fired['contrast'] = bern(cfg.contrast.p)
   p['contrast'] = jnp.where(fired['contrast'], u(None, *cfg.contrast.range), 1.0)
   fired['noise'] = bern(cfg.noise.p)
-  p['noise_std'] = jnp.where(fired['noise'], jnp.float32(cfg.noise.std), 0.0)
+  p['noise_std'] = jnp.where(fired['noise'], precision.real()(cfg.noise.std), 0.0)
   p['noise_key'] = k_noise
   fired['cutout'] = bern(cfg.cutout.p)
-  s = jnp.float32(cfg.cutout.size)
+  s = precision.real()(cfg.cutout.size)
   p['cutout_box'] = jnp.concatenate([u(2), jnp.stack([s, s])])
   assert taken[0] <= _NUM_UNIFORMS
   p['fired'] = fired
@@ -120,7 +132,7 @@ def _apply_params(params, image, landmarks, visible, modality, cfg, with_noise=T
   # normalisation -> brightness, contrast, noise -> cutout (paper 3.5.3). Noise outside the hole
   # plus the filled hole equals noise-then-cutout, so the batched path may add it afterwards.
   config_lib.check_modality(modality)
-  image = jnp.asarray(image, jnp.float32)
+  image = jnp.asarray(image, precision.real())
   a, t = spatial.affine(params, image.shape[:2])
   ctrl = params['elastic'] if _uses_elastic(cfg) else None
   x = spatial.resample(image, a, t, ctrl, intensity.fill_value(modality, cfg))
@@ -131,8 +143,9 @@ def _apply_params(params, image, landmarks, visible, modality, cfg, with_noise=T
   if with_noise:
     x = x + intensity.noise(params, x.shape, hole)
   iters = int(cfg.elastic.inverse_iters) if ctrl is not None else 0
-  lm, vis = spatial.move_landmarks(jnp.asarray(landmarks, jnp.float32),
-                                   jnp.asarray(visible, bool), a, t, ctrl, iters)
+  lm, vis = spatial.move_landmarks(
+    jnp.asarray(landmarks, precision.real()), jnp.asarray(visible, bool), a, t, ctrl, iters
+  )
   return x, lm, vis, a
 
 
@@ -171,19 +184,29 @@ def apply_params(params, image, landmarks, visible, modality, cfg=None):
 
 def augment_one(key, image, landmarks, visible, modality, cfg=None, return_transform=False):
   """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform]."""
-  return _augment_one_jit(key, image, landmarks, visible, modality=modality, cfg=_frozen(cfg),
-                          return_transform=bool(return_transform))
+  return _augment_one_jit(
+    key,
+    image,
+    landmarks,
+    visible,
+    modality=modality,
+    cfg=_frozen(cfg),
+    return_transform=bool(return_transform),
+  )
 
 
 def _add_noise_where_fired(images, params):
   """Noise for the samples whose noise op fired, one sample at a time under a real branch: vmap
   would turn the branch into a select and draw noise for every sample (p = 0.2: 5x the work,
   most of the augmentation's time for 64-channel CT)."""
+
   def one(args):
     image, p = args
     hole = intensity.cutout_hole(image.shape, p['cutout_box'], p['fired']['cutout'])
-    return jax.lax.cond(p['fired']['noise'], lambda: image + intensity.noise(p, image.shape, hole),
-                        lambda: image)
+    return jax.lax.cond(
+      p['fired']['noise'], lambda: image + intensity.noise(p, image.shape, hole), lambda: image
+    )
+
   return jax.lax.map(one, (images, params))
 
 
@@ -191,9 +214,11 @@ def _add_noise_where_fired(images, params):
 def _augment_batch(key, images, landmarks, visible, modality, cfg, return_transform):
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(functools.partial(_sample_params, modality=modality, cfg=cfg))(
-      keys, landmarks, visible)
+    keys, landmarks, visible
+  )
   out = jax.vmap(functools.partial(_apply_params, modality=modality, cfg=cfg, with_noise=False))(
-      params, images, landmarks, visible)
+    params, images, landmarks, visible
+  )
   out = (_add_noise_where_fired(out[0], params),) + tuple(out[1:])
   return out if return_transform else out[:3]
 
@@ -205,8 +230,15 @@ def augment_batch(key, images, landmarks, visible, modality, cfg=None, return_tr
   linear (B, 2, 2) when return_transform. Jitted with modality / cfg static; safe to call inside
   an outer jit (e.g. the train step).
   """
-  return _augment_batch(key, jnp.asarray(images, jnp.float32), jnp.asarray(landmarks, jnp.float32),
-                        jnp.asarray(visible, bool), modality, _frozen(cfg), bool(return_transform))
+  return _augment_batch(
+    key,
+    jnp.asarray(images, precision.real()),
+    jnp.asarray(landmarks, precision.real()),
+    jnp.asarray(visible, bool),
+    modality,
+    _frozen(cfg),
+    bool(return_transform),
+  )
 
 
 def preprocess(images, modality, cfg=None):

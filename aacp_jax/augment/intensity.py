@@ -1,7 +1,9 @@
 """Intensity part: deterministic normalisation per modality, then random photometric ops, cutout."""
+
 import jax
 import jax.numpy as jnp
 
+from aacp_jax import precision
 from aacp_jax.augment import config as config_lib
 
 
@@ -13,12 +15,12 @@ def fill_value(modality, cfg) -> float:
 def normalise(images, modality, cfg):
   """Raw values -> encoder input: CT HU window -> [0, 1]; X-ray * 1/255; MRI unchanged."""
   config_lib.check_modality(modality)
-  x = jnp.asarray(images, jnp.float32)
+  x = jnp.asarray(images, precision.real())
   if modality == 'ct':
     lo, hi = config_lib.ct_window(cfg)
     return jnp.clip((x - lo) / (hi - lo), 0.0, 1.0)
   if modality == 'xray':
-    return x * jnp.float32(cfg.xray_scale)
+    return x * precision.real()(cfg.xray_scale)
   return x
 
 
@@ -36,7 +38,7 @@ def photometric(image, params, modality, cfg):
 def noise(params, shape, hole):
   """Additive Gaussian noise std·N(0, 1) from the sample's own key, zero inside the cutout hole
   (cutout comes last, so its fill stays exact)."""
-  n = params['noise_std'] * jax.random.normal(params['noise_key'], shape, jnp.float32)
+  n = params['noise_std'] * jax.random.normal(params['noise_key'], shape, precision.real())
   return jnp.where(hole[..., None], 0.0, n)
 
 
@@ -51,4 +53,4 @@ def cutout_hole(shape, box, fired):
 
 
 def cutout(image, hole, fill):
-  return jnp.where(hole[..., None], jnp.float32(fill), image)
+  return jnp.where(hole[..., None], precision.real()(fill), image)

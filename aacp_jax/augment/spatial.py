@@ -5,9 +5,12 @@ so its centre is (i + 0.5) / N. The forward transform maps an original-frame poi
 augmented frame: q = A p + t, then the elastic warp. Sampling runs backwards: output pixel q reads
 the original at A^-1 (q + d(q) - t), d being the elastic displacement on the output grid.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from aacp_jax import precision
 
 _CENTRE = np.array([0.5, 0.5], np.float32)  # numpy: no device work at import
 
@@ -35,7 +38,7 @@ def anatomy_crop(u, landmarks, visible, area, ratio, margin):
   grown to the box (the smallest window containing them), so no visible landmark is ever cut.
   """
   h, w = _window_shape(u[0], u[1], area, ratio)
-  big = jnp.float32(2.0)
+  big = precision.real()(2.0)
   lo = jnp.min(jnp.where(visible[:, None], landmarks, big), axis=0)
   hi = jnp.max(jnp.where(visible[:, None], landmarks, -big), axis=0)
   lo = jnp.clip(lo - margin, 0.0, 1.0)  # no visible landmark: lo = 1 > hi = 0, no constraint
@@ -49,7 +52,7 @@ def anatomy_crop(u, landmarks, visible, area, ratio, margin):
 def random_resized_crop(u, area, ratio):
   """SimCLR / torchvision RandomResizedCrop window, landmarks ignored (sides clipped, no retry)."""
   h, w = _window_shape(u[0], u[1], area, ratio)
-  none = jnp.float32(1.0), jnp.float32(0.0)
+  none = precision.real()(1.0), precision.real()(0.0)
   return jnp.stack([_window_position(u[2], *none, h), _window_position(u[3], *none, w), h, w])
 
 
@@ -59,12 +62,12 @@ def elastic_control(key, grid, sigma, alpha):
   Rows of the smoothing matrix have unit L2 norm, so every control point keeps std `alpha`
   whatever `sigma`: alpha is the displacement scale, sigma only its spatial correlation.
   """
-  noise = jax.random.normal(key, (grid, grid, 2), jnp.float32)
-  idx = jnp.arange(grid, dtype=jnp.float32)
+  noise = jax.random.normal(key, (grid, grid, 2), precision.real())
+  idx = jnp.arange(grid, dtype=precision.real())
   if sigma > 0:
     g = jnp.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
   else:
-    g = jnp.eye(grid, dtype=jnp.float32)
+    g = jnp.eye(grid, dtype=precision.real())
   g = g / jnp.sqrt(jnp.sum(g * g, axis=1, keepdims=True))
   return alpha * jnp.einsum('ab,bcd,ec->aed', g, noise, g)
 
@@ -77,8 +80,7 @@ def elastic_at(ctrl, pts):
   f = u - i0
   fy, fx = f[:, :1], f[:, 1:]
   c = lambda dy, dx: ctrl[i0[:, 0] + dy, i0[:, 1] + dx]
-  return ((1 - fy) * ((1 - fx) * c(0, 0) + fx * c(0, 1))
-          + fy * ((1 - fx) * c(1, 0) + fx * c(1, 1)))
+  return (1 - fy) * ((1 - fx) * c(0, 0) + fx * c(0, 1)) + fy * ((1 - fx) * c(1, 0) + fx * c(1, 1))
 
 
 def affine(params, shape):
@@ -95,12 +97,12 @@ def affine(params, shape):
   scale = jnp.diag(params['scale'])
   cos, sin = jnp.cos(params['angle']), jnp.sin(params['angle'])
   rot = jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])])
-  d = jnp.array(shape, jnp.float32)
+  d = jnp.array(shape, precision.real())
   rot = rot * d[None, :] / d[:, None]  # D^-1 R D
   lin = rot @ scale @ flip
   a = lin @ crop_lin
   t = lin @ (crop_off - _CENTRE) + _CENTRE + params['translate']
-  return a.astype(jnp.float32), t.astype(jnp.float32)
+  return a.astype(precision.real()), t.astype(precision.real())
 
 
 def inv2(a):
@@ -111,7 +113,7 @@ def inv2(a):
 
 def _pixel_centres(h, w):
   yy, xx = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing='ij')
-  return jnp.stack([yy.ravel(), xx.ravel()], axis=-1).astype(jnp.float32)
+  return jnp.stack([yy.ravel(), xx.ravel()], axis=-1).astype(precision.real())
 
 
 def bilinear(image, pix, fill):
@@ -143,7 +145,7 @@ def resample(image, a, t, ctrl, fill):
   if ctrl is not None:  # None: elastic statically off, skip the field
     q = q + elastic_at(ctrl, q)
   p = (q - t) @ inv2(a).T
-  pix = p * jnp.array([hgt, wid], jnp.float32) - 0.5
+  pix = p * jnp.array([hgt, wid], precision.real()) - 0.5
   return bilinear(image, pix, fill).reshape(hgt, wid, ch)
 
 
@@ -159,4 +161,4 @@ def move_landmarks(landmarks, visible, a, t, ctrl, iters):
     q = target - elastic_at(ctrl, q)
   inside = jnp.all((q >= 0.0) & (q <= 1.0), axis=-1)
   vis = visible & inside
-  return jnp.where(vis[:, None], q, 0.0).astype(jnp.float32), vis
+  return jnp.where(vis[:, None], q, 0.0).astype(precision.real()), vis

@@ -16,6 +16,7 @@ Coordinate frames (all coordinates are ``(y, x)``, normalised to ``[0, 1]`` edge
   canonical position whichever modality or view shows it, which is what cross-modal pairing needs; the
   anterior-posterior coordinate is dropped (frontal projection).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -23,51 +24,60 @@ from collections.abc import Iterable
 import numpy as np
 
 LANDMARKS: tuple[str, ...] = (
-    # chest
-    'tracheal_bifurcation',  # carina
-    'aortic_arch',  # top of the arch
-    'cardiac_apex',
-    'lung_apex_right',
-    'lung_apex_left',
-    'costophrenic_angle_right',
-    'costophrenic_angle_left',
-    'liver_dome',
-    # abdomen
-    'kidney_upper_pole_right',
-    'kidney_upper_pole_left',
-    'spleen_tip',
-    'l3_vertebra',  # centre of the L3 vertebral body
-    # brain
-    'anterior_commissure',
-    'posterior_commissure',
-    'frontal_pole',
-    'occipital_pole',
-    # cardiac MRI
-    'lv_apex',
-    'mitral_valve',
-    'rv_insertion_anterior',
-    'rv_insertion_inferior',
+  # chest
+  'tracheal_bifurcation',  # carina
+  'aortic_arch',  # top of the arch
+  'cardiac_apex',
+  'lung_apex_right',
+  'lung_apex_left',
+  'costophrenic_angle_right',
+  'costophrenic_angle_left',
+  'liver_dome',
+  # abdomen
+  'kidney_upper_pole_right',
+  'kidney_upper_pole_left',
+  'spleen_tip',
+  'l3_vertebra',  # centre of the L3 vertebral body
+  # brain
+  'anterior_commissure',
+  'posterior_commissure',
+  'frontal_pole',
+  'occipital_pole',
+  # cardiac MRI
+  'lv_apex',
+  'mitral_valve',
+  'rv_insertion_anterior',
+  'rv_insertion_inferior',
 )
 
 REGION_LANDMARKS: dict[str, tuple[str, ...]] = {
-    # The diaphragm is curved: the liver dome and the upper kidney poles show on chest and abdomen views.
-    'chest': LANDMARKS[0:8] + ('kidney_upper_pole_right', 'kidney_upper_pole_left'),
-    'abdomen': ('costophrenic_angle_right', 'costophrenic_angle_left', 'liver_dome') + LANDMARKS[8:12],
-    'brain': LANDMARKS[12:16],
-    'cardiac': ('cardiac_apex',) + LANDMARKS[16:20],
+  # The diaphragm is curved: the liver dome and the upper kidney poles show on chest and abdomen views.
+  'chest': LANDMARKS[0:8] + ('kidney_upper_pole_right', 'kidney_upper_pole_left'),
+  'abdomen': ('costophrenic_angle_right', 'costophrenic_angle_left', 'liver_dome')
+  + LANDMARKS[8:12],
+  'brain': LANDMARKS[12:16],
+  'cardiac': ('cardiac_apex',) + LANDMARKS[16:20],
 }
 
 ORGANS: tuple[str, ...] = (
-    'lungs', 'heart', 'aorta', 'trachea', 'liver', 'kidneys', 'spleen', 'bone', 'brain',
+  'lungs',
+  'heart',
+  'aorta',
+  'trachea',
+  'liver',
+  'kidneys',
+  'spleen',
+  'bone',
+  'brain',
 )
 
 # Organs a record of each region shows when its converter does not say (multi-hot 'organs').
 REGION_ORGANS: dict[str, tuple[str, ...]] = {
-    'chest': ('lungs', 'heart', 'aorta', 'trachea', 'bone'),
-    'abdomen': ('liver', 'kidneys', 'spleen', 'bone'),
-    'brain': ('brain',),
-    'cardiac': ('heart', 'lungs', 'aorta'),
-    'hand': ('bone',),
+  'chest': ('lungs', 'heart', 'aorta', 'trachea', 'bone'),
+  'abdomen': ('liver', 'kidneys', 'spleen', 'bone'),
+  'brain': ('brain',),
+  'cardiac': ('heart', 'lungs', 'aorta'),
+  'hand': ('bone',),
 }
 
 REGIONS: tuple[str, ...] = tuple(REGION_LANDMARKS)

@@ -14,6 +14,7 @@ inferior, z = 0 at the top of the imaged body part); each modality samples that 
 Shapes are painted in order on one grid (later shapes win), which gives realistic overlaps (the heart
 and liver carve the lungs, the diaphragm is the liver dome) with a few vectorised ops per shape.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,11 +34,30 @@ from aacp_jax.modalities import MODALITIES  # every modality has phantoms (data_
 # every phantom's bytes and every demo result: never reorder it to match aacp_jax.modalities.
 _SEED_ORDER = ('ct', 'xray', 'mri')
 CT_SLICES = 64
-TISSUES = {'air': 0, 'fat': 1, 'soft_tissue': 2, 'lung': 3, 'airway': 4, 'heart': 5, 'aorta': 6,
-           'liver': 7, 'spleen': 8, 'kidney': 9, 'bone': 10, 'lesion': 11, 'scalp': 12, 'csf': 13,
-           'grey_matter': 14, 'white_matter': 15, 'oedema': 16}
-LABEL_NAMES = {'ct': ['normal', 'effusion_or_steatosis'], 'xray': ['normal', 'pneumonia'],
-               'mri': ['normal', 'tumour']}
+TISSUES = {
+  'air': 0,
+  'fat': 1,
+  'soft_tissue': 2,
+  'lung': 3,
+  'airway': 4,
+  'heart': 5,
+  'aorta': 6,
+  'liver': 7,
+  'spleen': 8,
+  'kidney': 9,
+  'bone': 10,
+  'lesion': 11,
+  'scalp': 12,
+  'csf': 13,
+  'grey_matter': 14,
+  'white_matter': 15,
+  'oedema': 16,
+}
+LABEL_NAMES = {
+  'ct': ['normal', 'effusion_or_steatosis'],
+  'xray': ['normal', 'pneumonia'],
+  'mri': ['normal', 'tumour'],
+}
 _TORSO_FOV, _XRAY_TOP, _HEAD_FOV, _XRAY_AP_SAMPLES = 440.0, -60.0, 240.0, 64
 _MU_WATER = 0.019  # 1/mm at ~70 keV; X-ray attenuation is mu_water * (1 + HU / 1000).
 
@@ -81,6 +101,7 @@ def _ellipsoid(c, r, mod=0.0, phase=0.0):
     if mod:  # Lobulated outline: the in-plane radius varies with angle.
       xy = xy * (1 + mod * np.cos(2 * np.arctan2(dy, dx) + phase))
     return xy + ((z - c[2]) / r[2]) ** 2 < 1
+
   return inside, c[2] - r[2], c[2] + r[2]
 
 
@@ -93,6 +114,7 @@ def _tube(a, b, radius):
     px, py, pz = x - a[0], y - a[1], z - a[2]
     t = np.clip((px * d[0] + py * d[1]) / dd + pz * (d[2] / dd), 0, 1)
     return (px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2 < radius * radius
+
   return inside, min(a[2], b[2]) - radius, max(a[2], b[2]) + radius
 
 
@@ -109,39 +131,65 @@ def _torso(rng):
   body_ay = np.array([60, 65, 95, 100, 115, 125]) * sa
   contrast = rng.uniform(0, 1)  # Arterial phase strength: enhances aorta, heart and kidneys.
   p = lambda x, y, z: (x * sw + j(), y * sa + j(), z * s + j())  # pylint: disable=unnecessary-lambda-assignment
-  t = {'length': length, 'body_z': body_z, 'body_ax': body_ax, 'body_ay': body_ay,
-       'fat': rng.uniform(8, 25), 'contrast': contrast}
-  t['lungs'] = [(p(-75, 5, 130), (55 * sw * v(), 75 * sa * v(), 125 * s * v())),
-                (p(75, 5, 135), (50 * sw * v(), 75 * sa * v(), 120 * s * v()))]
+  t = {
+    'length': length,
+    'body_z': body_z,
+    'body_ax': body_ax,
+    'body_ay': body_ay,
+    'fat': rng.uniform(8, 25),
+    'contrast': contrast,
+  }
+  t['lungs'] = [
+    (p(-75, 5, 130), (55 * sw * v(), 75 * sa * v(), 125 * s * v())),
+    (p(75, 5, 135), (50 * sw * v(), 75 * sa * v(), 120 * s * v())),
+  ]
   t['heart'] = (p(15, -25, 165), (60 * sw * v(), 50 * sa * v(), 55 * s * v()))
   t['liver'] = (p(-40, 10, 265), (90 * sw * v(), 80 * sa * v(), 70 * s * v()))
   t['spleen'] = (p(80, 45, 265), (35 * sw * v(), 50 * sa * v(), 55 * s * v()))
-  t['kidneys'] = [(p(-65, 60, 330), (30 * sw, 28 * sa, 55 * s * v())),
-                  (p(65, 60, 315), (30 * sw, 28 * sa, 55 * s * v()))]
+  t['kidneys'] = [
+    (p(-65, 60, 330), (30 * sw, 28 * sa, 55 * s * v())),
+    (p(65, 60, 315), (30 * sw, 28 * sa, 55 * s * v())),
+  ]
   carina = p(0, 0, 75)
-  t['airways'] = [(p(0, -5, -10), carina, 9 * s),
-                  (carina, p(-45, 10, 100), 6.5 * s), (carina, p(45, 10, 110), 6 * s)]
+  t['airways'] = [
+    (p(0, -5, -10), carina, 9 * s),
+    (carina, p(-45, 10, 100), 6.5 * s),
+    (carina, p(45, 10, 110), 6 * s),
+  ]
   arch_top, desc = p(22, 8, 45), p(28, 38, 62)
-  t['aorta'] = [(p(12, -25, 125), p(12, -22, 60), 12 * s), (p(12, -22, 60), arch_top, 12 * s),
-                (arch_top, desc, 12 * s), (desc, p(20, 45, 420), 10 * s)]
+  t['aorta'] = [
+    (p(12, -25, 125), p(12, -22, 60), 12 * s),
+    (p(12, -22, 60), arch_top, 12 * s),
+    (arch_top, desc, 12 * s),
+    (desc, p(20, 45, 420), 10 * s),
+  ]
   t['spine'] = (0.0, 65 * sa, 18 * s)
-  t['hu'] = {'fat': -100 + j(10), 'soft_tissue': 40 + j(5), 'lung': -850 + j(20),
-             'heart': 45 + 180 * contrast, 'aorta': 50 + 220 * contrast, 'liver': 60 + j(6),
-             'spleen': 50 + j(5), 'kidney': 35 + 150 * contrast}
+  t['hu'] = {
+    'fat': -100 + j(10),
+    'soft_tissue': 40 + j(5),
+    'lung': -850 + j(20),
+    'heart': 45 + 180 * contrast,
+    'aorta': 50 + 220 * contrast,
+    'liver': 60 + j(6),
+    'spleen': 50 + j(5),
+    'kidney': 35 + 150 * contrast,
+  }
   (rc, rr), (lc, lr), (hc, hr) = t['lungs'][0], t['lungs'][1], t['heart']
   lv, sp, kr, kl = t['liver'], t['spleen'], t['kidneys'][0], t['kidneys'][1]
   t['landmarks'] = {
-      'tracheal_bifurcation': carina, 'aortic_arch': arch_top,
-      'cardiac_apex': (hc[0] + 0.75 * hr[0], hc[1] - 0.35 * hr[1], hc[2] + 0.5 * hr[2]),
-      'lung_apex_right': (rc[0], rc[1], rc[2] - 0.97 * rr[2]),
-      'lung_apex_left': (lc[0], lc[1], lc[2] - 0.97 * lr[2]),
-      'costophrenic_angle_right': (rc[0] - 0.7 * rr[0], rc[1] + 0.2 * rr[1], rc[2] + 0.62 * rr[2]),
-      'costophrenic_angle_left': (lc[0] + 0.7 * lr[0], lc[1] + 0.2 * lr[1], lc[2] + 0.62 * lr[2]),
-      'liver_dome': (lv[0][0], lv[0][1], lv[0][2] - lv[1][2]),
-      'kidney_upper_pole_right': (kr[0][0], kr[0][1], kr[0][2] - kr[1][2]),
-      'kidney_upper_pole_left': (kl[0][0], kl[0][1], kl[0][2] - kl[1][2]),
-      'spleen_tip': (sp[0][0], sp[0][1], sp[0][2] + sp[1][2]),
-      'l3_vertebra': (0.0, t['spine'][1], 370 * s)}
+    'tracheal_bifurcation': carina,
+    'aortic_arch': arch_top,
+    'cardiac_apex': (hc[0] + 0.75 * hr[0], hc[1] - 0.35 * hr[1], hc[2] + 0.5 * hr[2]),
+    'lung_apex_right': (rc[0], rc[1], rc[2] - 0.97 * rr[2]),
+    'lung_apex_left': (lc[0], lc[1], lc[2] - 0.97 * lr[2]),
+    'costophrenic_angle_right': (rc[0] - 0.7 * rr[0], rc[1] + 0.2 * rr[1], rc[2] + 0.62 * rr[2]),
+    'costophrenic_angle_left': (lc[0] + 0.7 * lr[0], lc[1] + 0.2 * lr[1], lc[2] + 0.62 * lr[2]),
+    'liver_dome': (lv[0][0], lv[0][1], lv[0][2] - lv[1][2]),
+    'kidney_upper_pole_right': (kr[0][0], kr[0][1], kr[0][2] - kr[1][2]),
+    'kidney_upper_pole_left': (kl[0][0], kl[0][1], kl[0][2] - kl[1][2]),
+    'spleen_tip': (sp[0][0], sp[0][1], sp[0][2] + sp[1][2]),
+    'l3_vertebra': (0.0, t['spine'][1], 370 * s),
+  }
   return t
 
 
@@ -151,14 +199,17 @@ def _paint_torso(g, t, rng):
   zb, ax, ay = t['body_z'], t['body_ax'], t['body_ay']
 
   def radii(z, inset=0.0):  # Per-slice body semi-axes as 1 / r^2, so the 3D work is two FMAs.
-    return ((np.interp(z, zb, ax) - inset) ** -2).astype(np.float32), \
-        ((np.interp(z, zb, ay) - inset) ** -2).astype(np.float32)
+    return ((np.interp(z, zb, ax) - inset) ** -2).astype(np.float32), (
+      (np.interp(z, zb, ay) - inset) ** -2
+    ).astype(np.float32)
+
   x2, y2 = g.x * g.x, g.y * g.y
 
   def body(inset):
     def inside(x, y, z):
       ibx, iby = radii(z, inset)
       return x2 * ibx + y2 * iby < 1
+
     return inside
 
   g.paint(zb[0], t['length'], body(0), hu['fat'], TISSUES['fat'])
@@ -172,9 +223,12 @@ def _paint_torso(g, t, rng):
       f, lo, hi = _tube(a, b, radius)
       if g.paint(lo, hi, f, hu.get(tissue, -1000), TISSUES[tissue]):
         organs.add(name)
-  for name, tissue, shapes in (('heart', 'heart', [t['heart']]), ('liver', 'liver', [t['liver']]),
-                               ('spleen', 'spleen', [t['spleen']]),
-                               ('kidneys', 'kidney', t['kidneys'])):
+  for name, tissue, shapes in (
+    ('heart', 'heart', [t['heart']]),
+    ('liver', 'liver', [t['liver']]),
+    ('spleen', 'spleen', [t['spleen']]),
+    ('kidneys', 'kidney', t['kidneys']),
+  ):
     for c, r in shapes:
       f, lo, hi = _ellipsoid(c, r, rng.uniform(0, 0.15), rng.uniform(0, 6.3))
       if g.paint(lo, hi, f, hu[tissue], TISSUES[tissue]):
@@ -185,15 +239,17 @@ def _paint_torso(g, t, rng):
     ibx, iby = radii(z)
     rho2 = x2 * ibx + y2 * iby
     band = np.mod(z - 25 * y * np.sqrt(iby), 24.0) < 9.0
-    return (rho2 > 0.84 ** 2) & (rho2 < 0.91 ** 2) & band
+    return (rho2 > 0.84**2) & (rho2 < 0.91**2) & band
+
   g.paint(15, 250 * t['length'] / 440, ribs, 700, TISSUES['bone'])
   sx, sy, sr = t['spine']
   # Vertebral bodies (cancellous core, cortical rim) separated by 5 mm discs every 30 mm.
   vert = lambda r: lambda x, y, z: ((x - sx) ** 2 + (y - sy) ** 2 < r * r) & (np.mod(z, 30) > 5)  # pylint: disable=unnecessary-lambda-assignment
   g.paint(0, t['length'], vert(sr), 900, TISSUES['bone'])
   g.paint(0, t['length'], vert(sr - 3), 350, TISSUES['bone'])
-  g.paint(0, t['length'], lambda x, y, z: (x - sx) ** 2 + (y - sy - 30) ** 2 < 64, 700,
-          TISSUES['bone'])
+  g.paint(
+    0, t['length'], lambda x, y, z: (x - sx) ** 2 + (y - sy - 30) ** 2 < 64, 700, TISSUES['bone']
+  )
   organs.add('bone')
   return organs
 
@@ -205,8 +261,11 @@ def _lesion_in(organ, zlo, zhi, radius, rng):
   f = np.sqrt(max(1 - ((z - cz) / rz) ** 2, 0.0))
   a, rr = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1))
   scale = 0.65 * f * rr
-  return (cx + scale * max(rx - radius, 1) * np.cos(a), cy + scale * max(ry - radius, 1) * np.sin(a),
-          z)
+  return (
+    cx + scale * max(rx - radius, 1) * np.cos(a),
+    cy + scale * max(ry - radius, 1) * np.sin(a),
+    z,
+  )
 
 
 def _canonical_torso(t, pos):
@@ -226,8 +285,9 @@ def _ct(rng, size, label):
   for _ in range(20):
     organ = t['lungs'][rng.integers(2)] if region == 'chest' else t['liver']
     lesion = _lesion_in(organ, centre - 20, centre + 20, radius, rng)
-    if region == 'abdomen' or not any(_ellipsoid(c, r)[0](*lesion) for c, r in
-                                      (t['heart'], t['liver'])):
+    if region == 'abdomen' or not any(
+      _ellipsoid(c, r)[0](*lesion) for c, r in (t['heart'], t['liver'])
+    ):
       break
   centre = np.clip(centre, lesion[2] - 32 + radius + 1, lesion[2] + 32 - radius - 1)
   z0 = float(np.clip(np.round(centre - CT_SLICES / 2), 0, np.floor(t['length']) - CT_SLICES))
@@ -263,11 +323,21 @@ def _ct(rng, size, label):
     if z0 <= pos[2] < z0 + CT_SLICES:
       k = lm.landmark_index(name)
       x, y = pos[0], pos[1]
-      pts[k] = ((sin * x + cos * y + ty) / _TORSO_FOV + 0.5, (cos * x - sin * y + tx) / _TORSO_FOV + 0.5)
+      pts[k] = (
+        (sin * x + cos * y + ty) / _TORSO_FOV + 0.5,
+        (cos * x - sin * y + tx) / _TORSO_FOV + 0.5,
+      )
       vis[k], canon[k] = True, _canonical_torso(t, pos)
-  return dict(image=image, region=region, spacing=np.array([pix, pix, 1.0], np.float32),
-              landmarks=np.clip(pts, 0, 1), landmark_visible=vis, landmarks_canonical=canon,
-              organs=lm.organ_multi_hot(organs), mask=mask), g.lab
+  return dict(
+    image=image,
+    region=region,
+    spacing=np.array([pix, pix, 1.0], np.float32),
+    landmarks=np.clip(pts, 0, 1),
+    landmark_visible=vis,
+    landmarks_canonical=canon,
+    organs=lm.organ_multi_hot(organs),
+    mask=mask,
+  ), g.lab
 
 
 def _xray(rng, size, label):
@@ -288,8 +358,10 @@ def _xray(rng, size, label):
       g.paint(lo, hi, f, rng.uniform(-300, 0), TISSUES['lesion'], TISSUES['lung'])
     mask = (g.lab == TISSUES['lesion']).any(axis=2).astype(np.uint8)
     if not mask.any():  # Every blob missed the lung (rare): mark the lung centre.
-      mask[min(int((c[2] - _XRAY_TOP) / pix), size - 1),
-           min(max(int((c[0] + tx + _TORSO_FOV / 2) / pix), 0), size - 1)] = 1
+      mask[
+        min(int((c[2] - _XRAY_TOP) / pix), size - 1),
+        min(max(int((c[0] + tx + _TORSO_FOV / 2) / pix), 0), size - 1),
+      ] = 1
   g.vol[g.lab == 0] = -1000
   line_integral = (np.maximum(g.vol + 1000, 0) * (_MU_WATER / 1000)).sum(axis=2) * (ap[1] - ap[0])
   line_integral *= 1 + 0.02 * rng.standard_normal(line_integral.shape, dtype=np.float32)
@@ -301,16 +373,29 @@ def _xray(rng, size, label):
     pos, k = t['landmarks'][name], lm.landmark_index(name)
     pts[k] = ((pos[2] - _XRAY_TOP) / _TORSO_FOV, (pos[0] + tx) / _TORSO_FOV + 0.5)
     vis[k], canon[k] = True, _canonical_torso(t, pos)
-  return dict(image=image, region='chest', spacing=np.array([pix, pix, 0.0], np.float32),
-              landmarks=np.clip(pts, 0, 1), landmark_visible=vis, landmarks_canonical=canon,
-              organs=lm.organ_multi_hot(organs), mask=mask), g.lab
+  return dict(
+    image=image,
+    region='chest',
+    spacing=np.array([pix, pix, 0.0], np.float32),
+    landmarks=np.clip(pts, 0, 1),
+    landmark_visible=vis,
+    landmarks_canonical=canon,
+    organs=lm.organ_multi_hot(organs),
+    mask=mask,
+  ), g.lab
 
 
 # (T1, T2, FLAIR) signal per tissue, the textbook order: T1 WM > GM > CSF; T2 CSF bright;
 # FLAIR CSF suppressed; tumour and oedema bright on T2/FLAIR, dark on T1.
-_MR_SIGNAL = {'scalp': (0.95, 0.6, 0.55), 'bone': (0.05, 0.05, 0.05), 'csf': (0.12, 1.0, 0.07),
-              'grey_matter': (0.6, 0.55, 0.6), 'white_matter': (0.85, 0.35, 0.42),
-              'lesion': (0.4, 0.8, 0.85), 'oedema': (0.5, 0.88, 0.95)}
+_MR_SIGNAL = {
+  'scalp': (0.95, 0.6, 0.55),
+  'bone': (0.05, 0.05, 0.05),
+  'csf': (0.12, 1.0, 0.07),
+  'grey_matter': (0.6, 0.55, 0.6),
+  'white_matter': (0.85, 0.35, 0.42),
+  'lesion': (0.4, 0.8, 0.85),
+  'oedema': (0.5, 0.88, 0.95),
+}
 
 
 def _mri(rng, size, label):
@@ -333,6 +418,7 @@ def _mri(rng, size, label):
     r = hr - 20
     rho = (x / r[0]) ** 2 + (y / r[1]) ** 2 + ((zz - head_c[2]) / r[2]) ** 2
     return rho * (1 + 0.12 * np.sin(14 * np.arctan2(y, x) + gyri)) < 1
+
   g.paint(z, z, white, 0, TISSUES['white_matter'])
   vent = lambda c, r: _ellipsoid(np.array(c) * s, np.array(r) * s * rng.uniform(0.8, 1.3))[0]  # pylint: disable=unnecessary-lambda-assignment
   for side in (-1, 1):
@@ -341,8 +427,11 @@ def _mri(rng, size, label):
   mask = np.zeros((size, size), np.uint8)
   if label:
     core = rng.uniform(6, 14)
-    c = (rng.choice([-1, 1]) * rng.uniform(20, 45) * s, rng.uniform(-45, 45) * s,
-         z + rng.uniform(-0.5, 0.5) * core)
+    c = (
+      rng.choice([-1, 1]) * rng.uniform(20, 45) * s,
+      rng.uniform(-45, 45) * s,
+      z + rng.uniform(-0.5, 0.5) * core,
+    )
     rim = core * rng.uniform(1.5, 2.2)
     for name, r in (('oedema', rim), ('lesion', core)):  # Only inside the brain and its CSF.
       m = ((g.x - c[0]) ** 2 + (g.y - c[1]) ** 2 + (g.z - c[2]) ** 2 < r * r) & (g.lab >= 13)
@@ -355,29 +444,44 @@ def _mri(rng, size, label):
   # Smooth bias field and Rician noise, as in real magnitude images before normalisation.
   bias = 1 + 0.1 * (rng.uniform(-1, 1) * uu[..., 0] + rng.uniform(-1, 1) * vv[..., 0]) / _HEAD_FOV
   n1, n2 = rng.standard_normal((2, size, size, 3), dtype=np.float32) * 0.03
-  image = np.sqrt((image * bias[..., None] + n1) ** 2 + n2 ** 2)
+  image = np.sqrt((image * bias[..., None] + n1) ** 2 + n2**2)
   head = lab > 0
   mean, std = image[head].mean(0), image[head].std(0) + 1e-6
   image = ((image - mean) / std).astype(np.float16)
   pts, vis, canon = lm.empty_landmarks()
   pole = lambda zz: 0.95 * (hr[1] - 15) * np.sqrt(1 - ((zz - hr[2]) / (hr[2] - 15)) ** 2)  # pylint: disable=unnecessary-lambda-assignment
-  marks = {'anterior_commissure': (0, -3 * s, 88 * s), 'posterior_commissure': (0, 22 * s, 88 * s),
-           'frontal_pole': (0, -pole(70 * s), 70 * s), 'occipital_pole': (0, pole(82 * s), 82 * s)}
+  marks = {
+    'anterior_commissure': (0, -3 * s, 88 * s),
+    'posterior_commissure': (0, 22 * s, 88 * s),
+    'frontal_pole': (0, -pole(70 * s), 70 * s),
+    'occipital_pole': (0, pole(82 * s), 82 * s),
+  }
   for name, (x, y, zz) in marks.items():
     if abs(zz - z) <= 7:  # Near the (5 mm) slice: the in-plane position is still meaningful.
       k = lm.landmark_index(name)
-      pts[k] = ((sin * x + cos * y + ty) / _HEAD_FOV + 0.5, (cos * x - sin * y + tx) / _HEAD_FOV + 0.5)
+      pts[k] = (
+        (sin * x + cos * y + ty) / _HEAD_FOV + 0.5,
+        (cos * x - sin * y + tx) / _HEAD_FOV + 0.5,
+      )
       vis[k], canon[k] = True, (zz / (2 * hr[2]), (x + hr[0]) / (2 * hr[0]))
-  return dict(image=image, region='brain', spacing=np.array([pix, pix, 5.0], np.float32),
-              landmarks=np.clip(pts, 0, 1), landmark_visible=vis, landmarks_canonical=canon,
-              organs=lm.organ_multi_hot(['brain', 'bone']), mask=mask), lab
+  return dict(
+    image=image,
+    region='brain',
+    spacing=np.array([pix, pix, 5.0], np.float32),
+    landmarks=np.clip(pts, 0, 1),
+    landmark_visible=vis,
+    landmarks_canonical=canon,
+    organs=lm.organ_multi_hot(['brain', 'bone']),
+    mask=mask,
+  ), lab
 
 
 _MAKERS = {'ct': _ct, 'xray': _xray, 'mri': _mri}
 
 
-def make_record_with_truth(modality: str, index: int, *, seed: int, image_size: int,
-                           split: str) -> tuple[dict, np.ndarray]:
+def make_record_with_truth(
+  modality: str, index: int, *, seed: int, image_size: int, split: str
+) -> tuple[dict, np.ndarray]:
   """``(record, tissue labels)``; labels use ``TISSUES`` codes on the record's sampling grid
   (CT ``(S, S, 64)``, X-ray ``(S, S, AP samples)``, MRI ``(S, S)``)."""
   if modality not in _MAKERS:
@@ -387,8 +491,9 @@ def make_record_with_truth(modality: str, index: int, *, seed: int, image_size: 
   label = int(rng.integers(2))
   record, truth = _MAKERS[modality](rng, image_size, label)
   subject = hashlib.sha256(f'phantom/{seed}/{split}/{modality}/{index}'.encode()).hexdigest()[:16]
-  record.update(modality=modality, source='phantom', subject=subject,
-                label=np.array(label, np.int32))
+  record.update(
+    modality=modality, source='phantom', subject=subject, label=np.array(label, np.int32)
+  )
   rec.validate(record, where=f'phantom {split}/{modality}/{index}')
   return record, truth
 
@@ -399,9 +504,13 @@ def make_record(modality: str, index: int, *, seed: int, image_size: int, split:
 
 
 def _params(seed, image_size, counts):
-  return {'generator': 'phantoms', 'seed': int(seed), 'image_size': int(image_size),
-          'counts': {s: {m: int(n) for m, n in sorted(c.items())} for s, c in sorted(counts.items())},
-          'code_version': version.code_version()}
+  return {
+    'generator': 'phantoms',
+    'seed': int(seed),
+    'image_size': int(image_size),
+    'counts': {s: {m: int(n) for m, n in sorted(c.items())} for s, c in sorted(counts.items())},
+    'code_version': version.code_version(),
+  }
 
 
 def default_root(workdir: str, seed: int, image_size: int, counts: dict) -> str:
@@ -427,8 +536,9 @@ class _Records:
         self.bar.update(1)
 
 
-def build(root: str, *, seed: int, image_size: int, counts: dict[str, dict[str, int]],
-          progress: bool = True) -> str:
+def build(
+  root: str, *, seed: int, image_size: int, counts: dict[str, dict[str, int]], progress: bool = True
+) -> str:
   """Writes every split of ``counts`` (split -> modality -> n) under ``root``; cached per split."""
   params = _params(seed, image_size, counts)
   todo = []
@@ -445,13 +555,18 @@ def build(root: str, *, seed: int, image_size: int, counts: dict[str, dict[str, 
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
+
     bar = tqdm.tqdm(total=sum(sum(c.values()) for _, c, _ in todo), desc='phantoms', unit='rec')
   try:
     for split, per_modality, meta in todo:
       shards.write_split(
-          root, split, {m: _Records(m, n, seed, image_size, split, bar)
-                        for m, n in per_modality.items()},
-          seed=seed, label_names={m: LABEL_NAMES[m] for m in per_modality}, meta=meta)
+        root,
+        split,
+        {m: _Records(m, n, seed, image_size, split, bar) for m, n in per_modality.items()},
+        seed=seed,
+        label_names={m: LABEL_NAMES[m] for m in per_modality},
+        meta=meta,
+      )
   finally:
     if bar is not None:
       bar.close()

@@ -4,11 +4,12 @@ Per modality: ArrayRecord source -> this process's slice -> shuffle -> repeat ->
 host batch. The modalities are then zipped by batch index into one random-access ``MapDataset``, so the
 iterator's checkpoint state is a single position (a few bytes of JSON) and resuming replays exactly.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
 import zlib
-from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -68,9 +69,18 @@ def _modality_seed(seed: int, modality: str) -> int:
   return (int(seed) * 1_000_003 + zlib.crc32(modality.encode())) % (2**31 - 1)
 
 
-def pretrain_dataset(root: str, split: str, per_host_batch: Mapping[str, int], *, seed: int,
-                     image_size: int, process_index: int = 0, process_count: int = 1,
-                     num_epochs: int | None = None, verify: bool = True) -> grain.MapDataset:
+def pretrain_dataset(
+  root: str,
+  split: str,
+  per_host_batch: Mapping[str, int],
+  *,
+  seed: int,
+  image_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+  verify: bool = True,
+) -> grain.MapDataset:
   """The random-access dataset behind ``pretrain_loader`` (item i = host batch i of all modalities)."""
   if not per_host_batch:
     raise ValueError('per_host_batch is empty: name at least one modality')
@@ -84,34 +94,53 @@ def pretrain_dataset(root: str, split: str, per_host_batch: Mapping[str, int], *
     ds = ds[process_index::process_count]  # Disjoint, near-equal strided slices per process.
     if batch < 1 or len(ds) < batch:
       raise ValueError(
-          f'{root}/{split}/{modality}: {len(ds)} records for process {process_index} of '
-          f'{process_count} ({total} in all) < per-host batch {batch}')
+        f'{root}/{split}/{modality}: {len(ds)} records for process {process_index} of '
+        f'{process_count} ({total} in all) < per-host batch {batch}'
+      )
     ds = ds.shuffle(seed=_modality_seed(seed, modality)).repeat(num_epochs)
     ds = ds.map(functools.partial(_training_arrays, image_size=image_size))
     per_modality[modality] = ds.batch(batch, drop_remainder=True)
   return _ZipBatches(per_modality)
 
 
-def pretrain_loader(root: str, split: str, per_host_batch: Mapping[str, int], *, seed: int,
-                    image_size: int, process_index: int = 0, process_count: int = 1,
-                    num_epochs: int | None = None, worker_count: int = 0,
-                    verify: bool = True) -> grain.DatasetIterator:
+def pretrain_loader(
+  root: str,
+  split: str,
+  per_host_batch: Mapping[str, int],
+  *,
+  seed: int,
+  image_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  verify: bool = True,
+) -> grain.DatasetIterator:
   """Checkpointable iterator of ``{modality: {key: (B, ...) numpy}}`` host batches.
 
   ``num_epochs`` None repeats forever; with a number, iteration stops when the modality with the
   fewest batches runs out. ``worker_count`` > 0 decodes in that many worker processes.
   """
-  ds = pretrain_dataset(root, split, per_host_batch, seed=seed, image_size=image_size,
-                        process_index=process_index, process_count=process_count,
-                        num_epochs=num_epochs, verify=verify)
+  ds = pretrain_dataset(
+    root,
+    split,
+    per_host_batch,
+    seed=seed,
+    image_size=image_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_epochs=num_epochs,
+    verify=verify,
+  )
   it_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it_ds)
 
 
-def load_split_arrays(root: str, split: str, modality: str, image_size: int, *,
-                      verify: bool = True) -> dict[str, np.ndarray]:
+def load_split_arrays(
+  root: str, split: str, modality: str, image_size: int, *, verify: bool = True
+) -> dict[str, np.ndarray]:
   """Every record of a split stacked: ``TRAIN_KEYS`` plus ``label`` (int32, -1 where a record has
   none), ``subject`` (str) and, when every record has one, ``mask`` resized to ``image_size``."""
   source = shards.open_source(root, split, modality, verify=verify)

@@ -12,11 +12,12 @@ payload byte fails the CRC before msgpack ever parses it.
 The schema (see docs/INTERFACES.md) is checked on both sides: ``encode`` refuses to write a bad record
 and ``decode`` refuses to return one, so training code can trust what it reads.
 """
+
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Any
+import zlib
 
 import msgpack
 import numpy as np
@@ -30,8 +31,14 @@ _HEADER = struct.Struct('<4sHIQ')
 # Per modality: (image dtype, channel count), from aacp_jax.modalities (MODALITIES re-exported).
 IMAGE_SPEC = {m: (RAW_DTYPES[m], IN_CHANNELS[m]) for m in MODALITIES}
 _STR_KEYS = ('modality', 'region', 'source', 'subject')
-REQUIRED_KEYS = ('image', 'spacing', 'landmarks', 'landmark_visible', 'landmarks_canonical',
-                 'organs') + _STR_KEYS
+REQUIRED_KEYS = (
+  'image',
+  'spacing',
+  'landmarks',
+  'landmark_visible',
+  'landmarks_canonical',
+  'organs',
+) + _STR_KEYS
 # label: one class index; labels: multi-label findings (-1 uncertain, 0 negative or not mentioned,
 # 1 positive; names in the manifest's label_names); target: a regression value (e.g. bone age in months);
 # landmark_confidence: the frozen detector's per-landmark confidence in [0, 1].
@@ -93,7 +100,7 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
     _fail(where, 'header', f'has magic {magic!r}, not an aacp record')
   if version != VERSION:
     _fail(where, 'version', f'is {version}; this code reads version {VERSION}')
-  payload = data[_HEADER.size:]
+  payload = data[_HEADER.size :]
   if len(payload) != size:
     _fail(where, 'payload', f'is truncated or padded ({len(payload)} of {size} bytes)')
   if zlib.crc32(payload) != crc:

@@ -10,18 +10,19 @@ from a temporary file, so a crash never leaves a half-written file under a final
 the manifest for record counts and checksums: a missing, truncated or corrupt shard fails at open
 time with a one-line ``ShardError`` naming the file instead of deep inside a training step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 import datetime
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from array_record.python import array_record_module
+import numpy as np
 
 from aacp_jax import version
 from aacp_jax.data import records as rec
@@ -90,15 +91,25 @@ def _write_shard(path: str, payloads: Iterable[bytes]) -> dict:
     raise
   writer.close()
   os.replace(tmp, path)
-  return {'name': os.path.basename(path), 'count': count, 'bytes': os.path.getsize(path),
-          'sha256': _sha256(path)}
+  return {
+    'name': os.path.basename(path),
+    'count': count,
+    'bytes': os.path.getsize(path),
+    'sha256': _sha256(path),
+  }
 
 
-def write_split(root: str, split: str, records_by_modality: Mapping[str, Iterable[dict]], *,
-                seed: int, num_shards: int | Mapping[str, int] | None = None,
-                code_version: str | None = None,
-                label_names: Mapping[str, list[str]] | None = None,
-                meta: Mapping[str, Any] | None = None) -> dict:
+def write_split(
+  root: str,
+  split: str,
+  records_by_modality: Mapping[str, Iterable[dict]],
+  *,
+  seed: int,
+  num_shards: int | Mapping[str, int] | None = None,
+  code_version: str | None = None,
+  label_names: Mapping[str, list[str]] | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> dict:
   """Encodes and writes every modality's records; returns the manifest it wrote.
 
   ``num_shards`` (an int, or per modality) None picks ~256 records per shard. Shards need the record
@@ -120,8 +131,10 @@ def write_split(root: str, split: str, records_by_modality: Mapping[str, Iterabl
     def payloads(items, modality=modality, summary=summary):
       for i, record in enumerate(items):
         if record.get('modality') != modality:
-          raise rec.RecordError(f'{split}/{modality} record {i}: \'modality\' is '
-                                f'{record.get("modality")!r}, written under {modality!r}')
+          raise rec.RecordError(
+            f"{split}/{modality} record {i}: 'modality' is "
+            f'{record.get("modality")!r}, written under {modality!r}'
+          )
         summary.add(record)
         yield rec.encode(record)
 
@@ -144,11 +157,22 @@ def write_split(root: str, split: str, records_by_modality: Mapping[str, Iterabl
     if next(stream, None) is not None:
       raise ValueError(f'{split}/{modality}: the records yielded more items than their len()')
     modalities[modality] = {
-        'count': sum(f['count'] for f in files), 'files': files, 'shapes': summary.shapes,
-        'dtypes': summary.dtypes, 'label_counts': summary.labels or None}
+      'count': sum(f['count'] for f in files),
+      'files': files,
+      'shapes': summary.shapes,
+      'dtypes': summary.dtypes,
+      'label_counts': summary.labels or None,
+    }
 
-  return write_manifest(root, split, modalities, seed=seed, code_version=code_version,
-                        label_names=label_names, meta=meta)
+  return write_manifest(
+    root,
+    split,
+    modalities,
+    seed=seed,
+    code_version=code_version,
+    label_names=label_names,
+    meta=meta,
+  )
 
 
 def write_shard(path: str, payloads: Iterable[bytes]) -> dict:
@@ -159,10 +183,16 @@ def write_shard(path: str, payloads: Iterable[bytes]) -> dict:
   return _write_shard(path, payloads)
 
 
-def write_manifest(root: str, split: str, modalities: Mapping[str, dict], *, seed: int,
-                   code_version: str | None = None,
-                   label_names: Mapping[str, list[str]] | None = None,
-                   meta: Mapping[str, Any] | None = None) -> dict:
+def write_manifest(
+  root: str,
+  split: str,
+  modalities: Mapping[str, dict],
+  *,
+  seed: int,
+  code_version: str | None = None,
+  label_names: Mapping[str, list[str]] | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> dict:
   """Writes ``ROOT/<split>/manifest.json`` for shards already on disk; returns the manifest.
 
   ``modalities``: per modality ``{count, files, shapes, dtypes, label_counts}`` as ``write_split``
@@ -171,11 +201,16 @@ def write_manifest(root: str, split: str, modalities: Mapping[str, dict], *, see
   """
   manifest_path = os.path.join(root, split, MANIFEST)
   manifest = {
-      'format_version': FORMAT_VERSION, 'record_version': rec.VERSION, 'split': split,
-      'seed': seed, 'code_version': code_version or version.code_version(),
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'label_names': dict(label_names) if label_names else None,
-      'meta': dict(meta) if meta else None, 'modalities': dict(modalities)}
+    'format_version': FORMAT_VERSION,
+    'record_version': rec.VERSION,
+    'split': split,
+    'seed': seed,
+    'code_version': code_version or version.code_version(),
+    'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'label_names': dict(label_names) if label_names else None,
+    'meta': dict(meta) if meta else None,
+    'modalities': dict(modalities),
+  }
   # Round-trip through JSON so tuples and lists compare equal to what a reader sees.
   manifest = json.loads(json.dumps(manifest))
   try:
@@ -210,22 +245,26 @@ def read_manifest(root: str, split: str) -> dict:
   except (OSError, ValueError) as e:
     raise ShardError(f'{path}: unreadable manifest ({one_line(e)})') from None
   if manifest.get('format_version') != FORMAT_VERSION:
-    raise ShardError(f'{path}: format_version {manifest.get("format_version")}, expected '
-                     f'{FORMAT_VERSION}')
+    raise ShardError(
+      f'{path}: format_version {manifest.get("format_version")}, expected {FORMAT_VERSION}'
+    )
   return manifest
 
 
 def _modality_entry(root: str, split: str, modality: str) -> dict:
   manifest = read_manifest(root, split)
   if modality not in manifest['modalities']:
-    raise ShardError(f'{os.path.join(root, split, MANIFEST)}: no modality {modality!r} '
-                     f'(has {sorted(manifest["modalities"])})')
+    raise ShardError(
+      f'{os.path.join(root, split, MANIFEST)}: no modality {modality!r} '
+      f'(has {sorted(manifest["modalities"])})'
+    )
   return manifest['modalities'][modality]
 
 
 def shard_paths(root: str, split: str, modality: str) -> list[str]:
-  return [os.path.join(root, split, f['name'])
-          for f in _modality_entry(root, split, modality)['files']]
+  return [
+    os.path.join(root, split, f['name']) for f in _modality_entry(root, split, modality)['files']
+  ]
 
 
 class ShardSource:

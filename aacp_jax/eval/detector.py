@@ -1,5 +1,6 @@
 """Landmark detector inference and its figures: load a trained detector workdir, predict on raw
 images, score predictions (`data_prep.annotate_landmarks` and `train.landmarks` use these)."""
+
 import functools
 import json
 import os
@@ -8,8 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from aacp_jax import augment
-from aacp_jax import restore
+from aacp_jax import augment, restore
 from aacp_jax.data import landmarks as lm
 
 DETECTOR_FILE = 'detector.json'
@@ -33,7 +33,7 @@ def predict(variables, raw_images, modality, *, model, aug_cfg, batch_size=64):
   aug_cfg = None if aug_cfg is None else ml_collections.FrozenConfigDict(aug_cfg)
   pts, conf = [], []
   for i in range(0, len(raw_images), batch_size):
-    chunk = np.asarray(raw_images[i:i + batch_size], np.float32)
+    chunk = np.asarray(raw_images[i : i + batch_size], np.float32)
     n = len(chunk)
     if n < batch_size:  # one compiled shape for every chunk
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], np.float32)])
@@ -55,17 +55,20 @@ def detection_metrics(pred, conf, truth, visible, image_size, *, threshold, radi
   vis = visible.astype(bool)
   called = conf > threshold
   n_vis, n_invis = int(vis.sum()), int((~vis).sum())
-  per_landmark = {lm.LANDMARKS[k]: round(float(err[:, k][vis[:, k]].mean() * image_size), 3)
-                  for k in range(vis.shape[1]) if vis[:, k].any()}
+  per_landmark = {
+    lm.LANDMARKS[k]: round(float(err[:, k][vis[:, k]].mean() * image_size), 3)
+    for k in range(vis.shape[1])
+    if vis[:, k].any()
+  }
   return {
-      'images': int(len(pred)),
-      'visible_landmarks': n_vis,
-      'mre_px': float(err[vis].mean() * image_size) if n_vis else None,
-      'mre_percent': float(err[vis].mean() * 100) if n_vis else None,
-      'p90_error_px': float(np.percentile(err[vis], 90) * image_size) if n_vis else None,
-      'detection_rate': float((called & vis & (err <= radius)).sum() / max(n_vis, 1)),
-      'false_detection_rate': float((called & ~vis).sum() / max(n_invis, 1)),
-      'mre_px_per_landmark': per_landmark,
+    'images': int(len(pred)),
+    'visible_landmarks': n_vis,
+    'mre_px': float(err[vis].mean() * image_size) if n_vis else None,
+    'mre_percent': float(err[vis].mean() * 100) if n_vis else None,
+    'p90_error_px': float(np.percentile(err[vis], 90) * image_size) if n_vis else None,
+    'detection_rate': float((called & vis & (err <= radius)).sum() / max(n_vis, 1)),
+    'false_detection_rate': float((called & ~vis).sum() / max(n_invis, 1)),
+    'mre_px_per_landmark': per_landmark,
   }
 
 
@@ -96,13 +99,19 @@ def load_detector(workdir: str):
   """
   path = os.path.join(workdir, DETECTOR_FILE)
   if not os.path.exists(path):
-    raise ValueError(f'--checkpoint={workdir}: no {DETECTOR_FILE}; train a detector there with '
-                     '`python -m aacp_jax.main --config=configs/landmarks.py --workdir=...`')
+    raise ValueError(
+      f'--checkpoint={workdir}: no {DETECTOR_FILE}; train a detector there with '
+      '`python -m aacp_jax.main --config=configs/landmarks.py --workdir=...`'
+    )
   with open(path, encoding='utf-8') as f:
     info = json.load(f)
   try:
     restored = restore.load_variables(workdir)
   except ValueError as e:
     raise ValueError(f'--checkpoint={workdir}: {e}') from None
-  return (restored.config, restored.model, restored.variables,
-          np.asarray(info['canonical_atlas'], np.float32))
+  return (
+    restored.config,
+    restored.model,
+    restored.variables,
+    np.asarray(info['canonical_atlas'], np.float32),
+  )

@@ -1,4 +1,5 @@
 """Frozen-encoder embeddings of whole arrays, in fixed-size jitted batches."""
+
 import functools
 
 import jax
@@ -16,8 +17,16 @@ def _embed_batch(variables, images, *, model, modality, aug_cfg, key):
   return out[modality][key]
 
 
-def embed(model, variables, images: np.ndarray, modality: str, aug_cfg, *,
-          batch_size: int = 128, key: str = 'features') -> np.ndarray:
+def embed(
+  model,
+  variables,
+  images: np.ndarray,
+  modality: str,
+  aug_cfg,
+  *,
+  batch_size: int = 128,
+  key: str = 'features',
+) -> np.ndarray:
   """Backbone features ('features') or projections ('z') for `images` (N, H, W, C) raw values.
 
   The last batch is padded to the fixed size so the function compiles once per shape.
@@ -26,11 +35,10 @@ def embed(model, variables, images: np.ndarray, modality: str, aug_cfg, *,
   cfg = ml_collections.FrozenConfigDict(aug_cfg)
   outs = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
+    chunk = images[start : start + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
     out = _embed_batch(variables, chunk, model=model, modality=modality, aug_cfg=cfg, key=key)
-    outs.append(np.asarray(out)[:batch_size - pad])
+    outs.append(np.asarray(out)[: batch_size - pad])
   return np.concatenate(outs)
-

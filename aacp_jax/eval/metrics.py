@@ -1,4 +1,5 @@
 """Classification metrics with bootstrap confidence intervals (NumPy only, notebook-friendly)."""
+
 import numpy as np
 
 

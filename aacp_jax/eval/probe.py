@@ -1,4 +1,5 @@
 """Linear probes on frozen features: the standard read-out of self-supervised representations."""
+
 import functools
 
 import jax
@@ -15,6 +16,7 @@ from aacp_jax.models import inputs
 @functools.partial(jax.jit, static_argnames=('steps',))
 def _fit(xs, onehot, l2, steps):
   """L-BFGS on the L2-regularised softmax cross-entropy; one compilation per data shape."""
+
   def loss(p):
     logits = xs @ p['w'] + p['b']
     return optax.softmax_cross_entropy(logits, onehot).mean() + 0.5 * l2 * jnp.sum(p['w'] ** 2)
@@ -33,8 +35,14 @@ def _fit(xs, onehot, l2, steps):
   return params
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, steps: int = 300,
-                 num_classes: int | None = None):
+def fit_logistic(
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  l2: float = 1e-3,
+  steps: int = 300,
+  num_classes: int | None = None,
+):
   """Multinomial logistic regression, full batch, L-BFGS on standardised features.
 
   Returns a predict function giving class probabilities. Deterministic (zero init).
@@ -79,8 +87,9 @@ def choose_l2(x: np.ndarray, y: np.ndarray, *, grid=L2_GRID, folds: int = 4, see
   return float(grid[int(np.argmax(scores))])
 
 
-def linear_probe(f_fit, y_fit, f_test, y_test, *, l2: float | None = None, bootstrap: int = 1000,
-                 seed: int = 0) -> dict:
+def linear_probe(
+  f_fit, y_fit, f_test, y_test, *, l2: float | None = None, bootstrap: int = 1000, seed: int = 0
+) -> dict:
   """AUROC (binary) and accuracy on the test set, each with a 95 % bootstrap CI, and chance.
 
   `l2=None` picks the regularisation by cross-validation on the fitting set (`choose_l2`).
@@ -91,15 +100,18 @@ def linear_probe(f_fit, y_fit, f_test, y_test, *, l2: float | None = None, boots
   proba = predict(f_test)
   pred = proba.argmax(1)
   out = {
-      'n_fit': int(len(y_fit)), 'n_test': int(len(y_test)), 'l2': l2,
-      'accuracy': metrics.accuracy(y_test, pred),
-      'accuracy_ci': metrics.bootstrap_ci(metrics.accuracy, y_test, pred, n=bootstrap, seed=seed),
-      'chance_accuracy': metrics.chance_accuracy(y_fit, y_test),
+    'n_fit': int(len(y_fit)),
+    'n_test': int(len(y_test)),
+    'l2': l2,
+    'accuracy': metrics.accuracy(y_test, pred),
+    'accuracy_ci': metrics.bootstrap_ci(metrics.accuracy, y_test, pred, n=bootstrap, seed=seed),
+    'chance_accuracy': metrics.chance_accuracy(y_fit, y_test),
   }
   if proba.shape[1] == 2:
     out['auroc'] = metrics.auroc(y_test, proba[:, 1])
-    out['auroc_ci'] = metrics.bootstrap_ci(metrics.auroc, y_test, proba[:, 1], n=bootstrap,
-                                           seed=seed)
+    out['auroc_ci'] = metrics.bootstrap_ci(
+      metrics.auroc, y_test, proba[:, 1], n=bootstrap, seed=seed
+    )
     out['chance_auroc'] = 0.5
   return out
 
@@ -108,8 +120,9 @@ def evaluate_pretrained(config, model, state, root) -> dict:
   """Per modality: probe the pretrained encoder and, beside it, the same encoder at init."""
   # Embedding runs on the default device: probe sets are small.
   image_size = config.data.image_size
-  init_vars = model.init(jax.random.key(config.seed),
-                         inputs.dummy_inputs(config.modalities, image_size), train=False)
+  init_vars = model.init(
+    jax.random.key(config.seed), inputs.dummy_inputs(config.modalities, image_size), train=False
+  )
   trained_vars = jax.device_get(state.variables)
   results = {}
   for m in config.modalities:
@@ -117,21 +130,33 @@ def evaluate_pretrained(config, model, state, root) -> dict:
     test = pipeline.load_split_arrays(root, config.eval.split_test, m, image_size)
     row = {}
     for name, variables in (('pretrained', trained_vars), ('random_init', init_vars)):
-      f_fit, f_test = (embed_lib.embed(model, variables, d['image'], m, config.augment,
-                                       batch_size=config.eval.batch_size) for d in (fit, test))
-      row[name] = linear_probe(f_fit, fit['label'], f_test, test['label'],
-                               l2=config.eval.l2 or None, bootstrap=config.eval.bootstrap,
-                               seed=config.seed)
+      f_fit, f_test = (
+        embed_lib.embed(
+          model, variables, d['image'], m, config.augment, batch_size=config.eval.batch_size
+        )
+        for d in (fit, test)
+      )
+      row[name] = linear_probe(
+        f_fit,
+        fit['label'],
+        f_test,
+        test['label'],
+        l2=config.eval.l2 or None,
+        bootstrap=config.eval.bootstrap,
+        seed=config.seed,
+      )
     results[m] = row
   return results
 
 
 def format_table(results: dict) -> str:
   """A short text table of probe results for the terminal."""
-  lines = [f"{'modality':<8} {'encoder':<12} {'AUROC [95% CI]':<24} {'acc':>6} {'chance':>7}"]
+  lines = [f'{"modality":<8} {"encoder":<12} {"AUROC [95% CI]":<24} {"acc":>6} {"chance":>7}']
   for m, row in results.items():
     for name, r in row.items():
       lo, hi = r.get('auroc_ci', (float('nan'),) * 2)
-      lines.append(f"{m:<8} {name:<12} {r.get('auroc', float('nan')):.3f} [{lo:.3f}, {hi:.3f}]"
-                   f"{'':<4} {r['accuracy']:>6.3f} {r['chance_accuracy']:>7.3f}")
+      lines.append(
+        f'{m:<8} {name:<12} {r.get("auroc", float("nan")):.3f} [{lo:.3f}, {hi:.3f}]'
+        f'{"":<4} {r["accuracy"]:>6.3f} {r["chance_accuracy"]:>7.3f}'
+      )
   return '\n'.join(lines)

@@ -2,6 +2,7 @@
 
 A new method is one new module here (and a config variant that selects it); nothing else changes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,13 @@ _NOT_METHODS = ('base', 'terms')
 
 def names() -> tuple[str, ...]:
   """Every method module of this package, sorted."""
-  return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
-                      if m.name not in _NOT_METHODS and not m.name.startswith('_')))
+  return tuple(
+    sorted(
+      m.name
+      for m in pkgutil.iter_modules(__path__)
+      if m.name not in _NOT_METHODS and not m.name.startswith('_')
+    )
+  )
 
 
 def get(name: str) -> Method:

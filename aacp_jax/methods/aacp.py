@@ -8,26 +8,27 @@ landmark head, FPN and ROI attention); the loss is a weighted sum of the terms i
 Augmentation runs inside the step on device (byol style): the host only reads and batches raw
 records, and the two views never leave the accelerator.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from aacp_jax import augment, losses
+from aacp_jax import augment, losses, precision
 from aacp_jax.data import landmarks as landmarks_lib
 from aacp_jax.methods import terms
 from aacp_jax.methods.base import Method, RunInfo
 from aacp_jax.modalities import MODALITY_IDS
-from aacp_jax.models import encoders
-from aacp_jax.models import resnet
+from aacp_jax.models import encoders, resnet
 
 TRIPLET_MINING = ('hardest', 'semihard')
 BATCH_KEYS = ('image', 'landmarks', 'landmark_visible', 'landmarks_canonical', 'organs')
 
 
 def build_model(config):
-  return encoders.build_model(config.model, config.modalities,
-                              num_landmarks=len(landmarks_lib.LANDMARKS))
+  return encoders.build_model(
+    config.model, config.modalities, num_landmarks=len(landmarks_lib.LANDMARKS)
+  )
 
 
 def two_views(key, batch_m, modality, aug_cfg):
@@ -37,18 +38,29 @@ def two_views(key, batch_m, modality, aug_cfg):
   the images, the landmarks and their visibility after augmentation, and the per-sample 2x2
   `linear` part of the transform (original -> augmented frame).
   """
-  images = batch_m['image'].astype(jnp.float32)
-  parts = [augment.augment_batch(k, images, batch_m['landmarks'], batch_m['landmark_visible'],
-                                 modality, aug_cfg, return_transform=True)
-           for k in jax.random.split(key)]
+  images = batch_m['image'].astype(precision.real())
+  parts = [
+    augment.augment_batch(
+      k,
+      images,
+      batch_m['landmarks'],
+      batch_m['landmark_visible'],
+      modality,
+      aug_cfg,
+      return_transform=True,
+    )
+    for k in jax.random.split(key)
+  ]
   stacked = [jnp.concatenate(p, axis=0) for p in zip(*parts)]
   return dict(zip(('image', 'landmarks', 'landmark_visible', 'linear'), stacked))
 
 
 def make_views(key, batch, config):
   """{m: two_views(...)} for every enabled modality (the step's RNG)."""
-  return {m: two_views(jax.random.fold_in(key, MODALITY_IDS[m]), batch[m], m, config.augment)
-          for m in config.modalities}
+  return {
+    m: two_views(jax.random.fold_in(key, MODALITY_IDS[m]), batch[m], m, config.augment)
+    for m in config.modalities
+  }
 
 
 def check_batch(batch, config):
@@ -56,8 +68,10 @@ def check_batch(batch, config):
   have = sorted(batch) if hasattr(batch, 'keys') else type(batch).__name__
   missing = [m for m in config.modalities if m not in batch]
   if missing:
-    raise ValueError(f'batch has modalities {have} but config.modalities enables '
-                     f'{tuple(config.modalities)}: missing {missing}; each needs keys {BATCH_KEYS}')
+    raise ValueError(
+      f'batch has modalities {have} but config.modalities enables '
+      f'{tuple(config.modalities)}: missing {missing}; each needs keys {BATCH_KEYS}'
+    )
   for m in config.modalities:
     lacking = [k for k in BATCH_KEYS if k not in batch[m]]
     if lacking:
@@ -82,13 +96,22 @@ def views_loss(params, batch_stats, batch, views, *, model, config, cross_weight
   Returns (loss, (new batch_stats, metrics)).
   """
   out, new_vars = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, {m: views[m]['image'] for m in views},
-      train=True, mutable=['batch_stats'])
+    {'params': params, 'batch_stats': batch_stats},
+    {m: views[m]['image'] for m in views},
+    train=True,
+    mutable=['batch_stats'],
+  )
   neg_weights = {m: None for m in config.modalities}
   if config.loss.gamma > 0:
-    neg_weights = {m: losses.structure_neg_weights(
-        batch[m]['landmarks_canonical'], batch[m]['landmark_visible'], config.loss.gamma,
-        config.loss.sigma) for m in config.modalities}
+    neg_weights = {
+      m: losses.structure_neg_weights(
+        batch[m]['landmarks_canonical'],
+        batch[m]['landmark_visible'],
+        config.loss.gamma,
+        config.loss.sigma,
+      )
+      for m in config.modalities
+    }
   ctx = terms.Context(out=out, views=views, batch=batch, config=config, neg_weights=neg_weights)
   active = [t for t in terms.MODALITY_TERMS if t.enabled(config)]
   total_n = sum(batch[m]['image'].shape[0] for m in config.modalities)
@@ -102,8 +125,9 @@ def views_loss(params, batch_stats, batch, views, *, model, config, cross_weight
       loss = loss + term.weight(config) * share * value
       metrics.update(term_metrics)
   if terms.cross_enabled(config):
-    lam_cross = jnp.asarray(config.loss.cross_weight if cross_weight is None else cross_weight,
-                            jnp.float32)
+    lam_cross = jnp.asarray(
+      config.loss.cross_weight if cross_weight is None else cross_weight, precision.real()
+    )
     value, term_metrics = terms.cross_modal(ctx)
     loss = loss + lam_cross * value
     metrics.update(term_metrics, cross_weight=lam_cross)
@@ -118,8 +142,9 @@ def loss_fn(params, batch_stats, batch, key, *, model, config, cross_weight=None
   """
   check_batch(batch, config)
   views = make_views(key, batch, config)
-  return views_loss(params, batch_stats, batch, views, model=model, config=config,
-                    cross_weight=cross_weight)
+  return views_loss(
+    params, batch_stats, batch, views, model=model, config=config, cross_weight=cross_weight
+  )
 
 
 def cross_modal_schedule(loss_cfg, steps_per_epoch: int, epoch_scale: float = 1.0):
@@ -135,8 +160,9 @@ def cross_modal_schedule(loss_cfg, steps_per_epoch: int, epoch_scale: float = 1.
   peak = float(loss_cfg.cross_weight)
 
   def schedule(step):
-    epoch = jnp.asarray(step, jnp.float32) / jnp.float32(max(int(steps_per_epoch), 1))
+    epoch = jnp.asarray(step, precision.real()) / precision.real()(max(int(steps_per_epoch), 1))
     return losses.curriculum_weight(epoch, start, end, peak)
+
   return schedule
 
 
@@ -157,8 +183,12 @@ def make_schedules(config, run: RunInfo):
   """step -> {'cross_weight': lambda_cross}, the curriculum (`make_cross_schedule`)."""
   if config.loss.get('cross_weight', 0) > 0 and len(config.modalities) < 2:
     from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.warning('config.loss.cross_weight=%s but only %s is enabled: no cross-modal pairs, '
-                    'the term is off.', config.loss.cross_weight, tuple(config.modalities))
+
+    logging.warning(
+      'config.loss.cross_weight=%s but only %s is enabled: no cross-modal pairs, the term is off.',
+      config.loss.cross_weight,
+      tuple(config.modalities),
+    )
   cross_schedule = make_cross_schedule(config, run.steps_per_epoch, run.total_steps)
   return lambda step: {'cross_weight': cross_schedule(step)}
 
@@ -168,9 +198,17 @@ def make_loss(config, model, run: RunInfo):
   del run
 
   def loss(params, batch_stats, extra, batch, key, scheduled):
-    value, (new_stats, metrics) = loss_fn(params, batch_stats, batch, key, model=model,
-                                          config=config, cross_weight=scheduled['cross_weight'])
+    value, (new_stats, metrics) = loss_fn(
+      params,
+      batch_stats,
+      batch,
+      key,
+      model=model,
+      config=config,
+      cross_weight=scheduled['cross_weight'],
+    )
     return value, (new_stats, extra, metrics)
+
   return loss
 
 
@@ -179,8 +217,10 @@ def check_config(config) -> None:
   if config.data.image_size < 32:
     raise ValueError(f'config.data.image_size={config.data.image_size}: must be at least 32')
   if config.model.depth not in resnet.DEPTHS:
-    raise ValueError(f'config.model.depth={config.model.depth}: expected one of '
-                     f'{", ".join(str(d) for d in sorted(resnet.DEPTHS))}')
+    raise ValueError(
+      f'config.model.depth={config.model.depth}: expected one of '
+      f'{", ".join(str(d) for d in sorted(resnet.DEPTHS))}'
+    )
   if config.loss.temperature <= 0:
     raise ValueError(f'config.loss.temperature={config.loss.temperature}: must be positive')
   if not 0 <= config.loss.gamma < 1:
@@ -188,8 +228,10 @@ def check_config(config) -> None:
   if config.loss.get('spatial_weight', 0) < 0:
     raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight}: must be >= 0')
   if config.loss.get('spatial_weight', 0) > 0 and not config.model.get('landmark_head', False):
-    raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight} needs '
-                     'config.model.landmark_head=True (or set the weight to 0)')
+    raise ValueError(
+      f'config.loss.spatial_weight={config.loss.spatial_weight} needs '
+      'config.model.landmark_head=True (or set the weight to 0)'
+    )
   _check_modules(config)
 
 
@@ -199,36 +241,46 @@ def _check_modules(config) -> None:
   weights = tuple(loss.get('multiscale_weights', ()))
   if model.get('fpn', False):
     if len(tuple(model.fpn_channels)) != 4 or min(model.fpn_channels) <= 0:
-      raise ValueError(f'config.model.fpn_channels={tuple(model.fpn_channels)}: expected 4 '
-                       'positive widths for p2..p5')
+      raise ValueError(
+        f'config.model.fpn_channels={tuple(model.fpn_channels)}: expected 4 '
+        'positive widths for p2..p5'
+      )
     if len(tuple(model.level_projector)) < 1:
       raise ValueError('config.model.level_projector: expected at least one width')
   if weights:
     if len(weights) != 4 or min(weights) < 0:
-      raise ValueError(f'config.loss.multiscale_weights={weights}: expected 4 weights >= 0 '
-                       '(p2, p3, p4, p5)')
+      raise ValueError(
+        f'config.loss.multiscale_weights={weights}: expected 4 weights >= 0 (p2, p3, p4, p5)'
+      )
     if max(weights) > 0 and not model.get('fpn', False):
-      raise ValueError(f'config.loss.multiscale_weights={weights} needs config.model.fpn=True '
-                       '(or all weights 0)')
+      raise ValueError(
+        f'config.loss.multiscale_weights={weights} needs config.model.fpn=True (or all weights 0)'
+      )
   if model.get('roi_attention', False) and model.get('roi_features', 1) <= 0:
     raise ValueError(f'config.model.roi_features={model.roi_features}: must be positive')
   if loss.get('triplet_weight', 0) < 0 or loss.get('triplet_margin', 0) < 0:
-    raise ValueError(f'config.loss.triplet_weight / triplet_margin: must be >= 0, got '
-                     f'{loss.triplet_weight} / {loss.triplet_margin}')
+    raise ValueError(
+      f'config.loss.triplet_weight / triplet_margin: must be >= 0, got '
+      f'{loss.triplet_weight} / {loss.triplet_margin}'
+    )
   if loss.get('triplet_weight', 0) > 0 and loss.triplet_mining not in TRIPLET_MINING:
-    raise ValueError(f'config.loss.triplet_mining={loss.triplet_mining!r}: expected one of '
-                     f'{TRIPLET_MINING}')
+    raise ValueError(
+      f'config.loss.triplet_mining={loss.triplet_mining!r}: expected one of {TRIPLET_MINING}'
+    )
   if loss.get('cross_weight', 0) < 0:
     raise ValueError(f'config.loss.cross_weight={loss.cross_weight}: must be >= 0')
   if loss.get('cross_weight', 0) > 0:
     if loss.cross_delta <= 0:
       raise ValueError(f'config.loss.cross_delta={loss.cross_delta}: must be positive')
     if not 0 <= loss.cross_start_epoch <= loss.cross_end_epoch:
-      raise ValueError(f'config.loss.cross_start_epoch={loss.cross_start_epoch} / '
-                       f'cross_end_epoch={loss.cross_end_epoch}: need 0 <= start <= end')
+      raise ValueError(
+        f'config.loss.cross_start_epoch={loss.cross_start_epoch} / '
+        f'cross_end_epoch={loss.cross_end_epoch}: need 0 <= start <= end'
+      )
     if not 0 <= loss.cross_organ_weight <= 1:
-      raise ValueError(f'config.loss.cross_organ_weight={loss.cross_organ_weight}: must lie '
-                       'in [0, 1]')
+      raise ValueError(
+        f'config.loss.cross_organ_weight={loss.cross_organ_weight}: must lie in [0, 1]'
+      )
     if loss.cross_min_common < 1:
       raise ValueError(f'config.loss.cross_min_common={loss.cross_min_common}: must be >= 1')
     for name in loss.cross_landmarks:
@@ -238,5 +290,10 @@ def _check_modules(config) -> None:
         raise ValueError(f'config.loss.cross_landmarks: {e.args[0]}') from None
 
 
-METHOD = Method(name='aacp', check_config=check_config, build_model=build_model,
-                make_loss=make_loss, make_schedules=make_schedules)
+METHOD = Method(
+  name='aacp',
+  check_config=check_config,
+  build_model=build_model,
+  make_loss=make_loss,
+  make_schedules=make_schedules,
+)

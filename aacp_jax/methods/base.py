@@ -4,6 +4,7 @@ A method is one module in this package defining `METHOD = Method(...)`; `config.
 The loop, the checkpoints, resume, the non-finite policy and logging are the same for every method:
 a method only says how its model is built, what extra state it carries and what its loss is.
 """
+
 from __future__ import annotations
 
 import dataclasses

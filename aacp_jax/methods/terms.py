@@ -4,6 +4,7 @@ Within-modality terms take `(ctx, m)` and return modality m's unweighted value; 
 term takes `ctx` alone. `aacp.views_loss` weights and sums them (its docstring has the formula).
 The formulas of the underlying losses are in `aacp_jax.losses`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aacp_jax import losses
+from aacp_jax import losses, precision
 from aacp_jax.augment import spatial
 from aacp_jax.data import landmarks as landmarks_lib
 from aacp_jax.modalities import MODALITY_IDS
@@ -53,13 +54,13 @@ class Term:
 def _contrastive_accuracy(z1, z2):
   """Fraction of view-1 rows whose most similar view-2 row is their own positive."""
   hits = jnp.argmax(z1 @ z2.T, axis=1) == jnp.arange(z1.shape[0])
-  return jnp.mean(hits.astype(jnp.float32))
+  return jnp.mean(hits.astype(precision.real()))
 
 
 def z_views(ctx, m):
   """(z1, z2) of modality m, split once and shared by every term that reads them."""
   if m not in ctx.z_views:
-    ctx.z_views[m] = jnp.split(ctx.out[m]['z'].astype(jnp.float32), 2, axis=0)
+    ctx.z_views[m] = jnp.split(ctx.out[m]['z'].astype(precision.real()), 2, axis=0)
   return ctx.z_views[m]
 
 
@@ -74,8 +75,12 @@ def multiscale(ctx, m):
   """`losses.multiscale_info_nce` over the FPN levels' projections."""
   levels = [jnp.split(ctx.out[m]['levels'][name], 2, axis=0) for name in fpn_lib.LEVELS]
   ms_m, per_level = losses.multiscale_info_nce(
-      [a for a, _ in levels], [b for _, b in levels], multiscale_weights(ctx.config),
-      ctx.config.loss.temperature, ctx.neg_weights[m])
+    [a for a, _ in levels],
+    [b for _, b in levels],
+    multiscale_weights(ctx.config),
+    ctx.config.loss.temperature,
+    ctx.neg_weights[m],
+  )
   metrics = {f'multiscale_{m}': ms_m}
   for name, l in zip(fpn_lib.LEVELS, per_level):
     metrics[f'multiscale_{name}_{m}'] = l
@@ -92,10 +97,12 @@ def spatial_term(ctx, m):
   pred, views_m, batch_m = ctx.out[m]['landmarks'], ctx.views[m], ctx.batch[m]
   p1, p2 = jnp.split(pred, 2, axis=0)
   v1, v2 = jnp.split(views_m['landmark_visible'], 2, axis=0)
-  a1, a2 = jnp.split(jax.vmap(spatial.inv2)(views_m['linear'].astype(jnp.float32)), 2, axis=0)
+  a1, a2 = jnp.split(jax.vmap(spatial.inv2)(views_m['linear'].astype(precision.real())), 2, axis=0)
   ref, ref_vis = batch_m['landmarks'], batch_m['landmark_visible']
-  s_m = 0.5 * (losses.spatial_consistency(p1, v1, ref, ref_vis, a1)
-               + losses.spatial_consistency(p2, v2, ref, ref_vis, a2))
+  s_m = 0.5 * (
+    losses.spatial_consistency(p1, v1, ref, ref_vis, a1)
+    + losses.spatial_consistency(p2, v2, ref, ref_vis, a2)
+  )
   return s_m, {f'spatial_{m}': s_m}
 
 
@@ -114,16 +121,22 @@ def cross_modal(ctx):
   """
   config, out, batch = ctx.config, ctx.out, ctx.batch
   mods = config.modalities
-  z = jnp.concatenate([out[m]['z'].astype(jnp.float32) for m in mods], axis=0)
+  z = jnp.concatenate([out[m]['z'].astype(precision.real()) for m in mods], axis=0)
   both = lambda key: jnp.concatenate([jnp.concatenate([batch[m][key]] * 2) for m in mods])
-  ids = jnp.concatenate([jnp.full((2 * batch[m]['image'].shape[0],), MODALITY_IDS[m])
-                         for m in mods])
+  ids = jnp.concatenate(
+    [jnp.full((2 * batch[m]['image'].shape[0],), MODALITY_IDS[m]) for m in mods]
+  )
   pairs = losses.cross_modal_pairs(
-      both('landmarks_canonical'), both('landmark_visible'), both('organs'), ids,
-      config.loss.cross_delta, landmark_mask=cross_landmark_mask(config.loss),
-      min_common=int(config.loss.cross_min_common),
-      organ_weight=float(config.loss.cross_organ_weight))
-  frac = jnp.mean(jnp.any(pairs > 0, axis=1).astype(jnp.float32))
+    both('landmarks_canonical'),
+    both('landmark_visible'),
+    both('organs'),
+    ids,
+    config.loss.cross_delta,
+    landmark_mask=cross_landmark_mask(config.loss),
+    min_common=int(config.loss.cross_min_common),
+    organ_weight=float(config.loss.cross_organ_weight),
+  )
+  frac = jnp.mean(jnp.any(pairs > 0, axis=1).astype(precision.real()))
   c = losses.cross_modal_info_nce(z, ids, pairs, config.loss.temperature)
   return c, {'cross': c, 'cross_anchor_frac': frac}
 
@@ -150,11 +163,23 @@ def cross_landmark_mask(loss_cfg):
 # The within-modality terms in the order they are summed (the order is part of what a run
 # computes: floating-point sums depend on it).
 MODALITY_TERMS = (
-    Term('contrast', contrast, weight=lambda c: 1.0, enabled=lambda c: True),
-    Term('multiscale', multiscale, weight=lambda c: 1.0,
-         enabled=lambda c: any(w > 0 for w in multiscale_weights(c))),
-    Term('spatial', spatial_term, weight=lambda c: float(c.loss.get('spatial_weight', 0.0)),
-         enabled=lambda c: float(c.loss.get('spatial_weight', 0.0)) > 0),
-    Term('triplet', triplet, weight=lambda c: float(c.loss.get('triplet_weight', 0.0)),
-         enabled=lambda c: float(c.loss.get('triplet_weight', 0.0)) > 0),
+  Term('contrast', contrast, weight=lambda c: 1.0, enabled=lambda c: True),
+  Term(
+    'multiscale',
+    multiscale,
+    weight=lambda c: 1.0,
+    enabled=lambda c: any(w > 0 for w in multiscale_weights(c)),
+  ),
+  Term(
+    'spatial',
+    spatial_term,
+    weight=lambda c: float(c.loss.get('spatial_weight', 0.0)),
+    enabled=lambda c: float(c.loss.get('spatial_weight', 0.0)) > 0,
+  ),
+  Term(
+    'triplet',
+    triplet,
+    weight=lambda c: float(c.loss.get('triplet_weight', 0.0)),
+    enabled=lambda c: float(c.loss.get('triplet_weight', 0.0)) > 0,
+  ),
 )

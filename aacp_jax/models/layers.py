@@ -1,4 +1,5 @@
 """What every model shares: compute dtypes, the parameter dtype and the BatchNorm settings."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,10 @@ def compute_dtype(name: str):
     raise ValueError(f'config.model.dtype={name!r}: expected one of {sorted(DTYPES)}')
   if name == 'float64' and not jax.config.jax_enable_x64:
     # Without x64 JAX would quietly compute in float32 and the run would not be what it says.
-    raise ValueError("config.model.dtype='float64' needs "
-                     "jax.config.update('jax_enable_x64', True) before anything runs")
+    raise ValueError(
+      "config.model.dtype='float64' needs "
+      "jax.config.update('jax_enable_x64', True) before anything runs"
+    )
   return DTYPES[name]
 
 
@@ -31,8 +34,9 @@ def param_dtype(dtype: Any):
   return precision.at_least_float32(dtype)
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None,
-               zero_scale: bool = False) -> nn.BatchNorm:
+def batch_norm(
+  train: bool, dtype: Any, name: str | None = None, zero_scale: bool = False
+) -> nn.BatchNorm:
   """BatchNorm as torchvision (momentum 0.1 in torch's convention, epsilon 1e-5), for every model.
 
   Reducing over every non-feature axis of the global (possibly sharded) array gives global-batch
@@ -45,8 +49,14 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None,
   # flax keeps running statistics in float32 unless force_float32_reductions is off; off for
   # float64 compute, whose statistics are float64 (its reductions are float64 either way).
   float64 = param_dtype(dtype) == jnp.float64
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=param_dtype(dtype), use_fast_variance=False,
-                      force_float32_reductions=not float64,
-                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                      name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=param_dtype(dtype),
+    use_fast_variance=False,
+    force_float32_reductions=not float64,
+    scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+    name=name,
+  )

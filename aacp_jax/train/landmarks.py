@@ -6,6 +6,7 @@ made from a keypoint file by `data_prep.keypoints`), with the anatomy-aware augm
 landmarks, then writes `DIR/eval.json` (held-out mean radial error and detection rate) and
 `DIR/detector.json` (what `data_prep.annotate_landmarks` needs to rebuild and apply it).
 """
+
 import json
 import os
 
@@ -32,19 +33,24 @@ def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
   state_lib.check_common(config)
   layers.compute_dtype(config.model.dtype)
-  factor = 2 ** config.model.levels
+  factor = 2**config.model.levels
   if config.data.image_size % factor:
-    raise ValueError(f'config.data.image_size={config.data.image_size}: must be divisible by '
-                     f'2**config.model.levels = {factor}')
+    raise ValueError(
+      f'config.data.image_size={config.data.image_size}: must be divisible by '
+      f'2**config.model.levels = {factor}'
+    )
   if not 0 <= config.model.output_level <= config.model.levels:
-    raise ValueError(f'config.model.output_level={config.model.output_level}: must lie in '
-                     f'[0, config.model.levels={config.model.levels}]')
+    raise ValueError(
+      f'config.model.output_level={config.model.output_level}: must lie in '
+      f'[0, config.model.levels={config.model.levels}]'
+    )
   for key in ('heatmap_sigma', 'coord_weight', 'visible_weight'):
     if config.loss[key] < 0 or (key == 'heatmap_sigma' and config.loss[key] == 0):
       raise ValueError(f'config.loss.{key}={config.loss[key]}: must be positive')
   if not 0 < config.eval.visible_threshold < 1:
-    raise ValueError(f'config.eval.visible_threshold={config.eval.visible_threshold}: '
-                     'must lie in (0, 1)')
+    raise ValueError(
+      f'config.eval.visible_threshold={config.eval.visible_threshold}: must lie in (0, 1)'
+    )
   if config.total_steps <= 0:
     raise ValueError(f'config.total_steps={config.total_steps}: must be positive')
 
@@ -81,16 +87,22 @@ def make_views(batch, key, config):
   for m in config.modalities:
     k = jax.random.fold_in(key, MODALITY_IDS[m])
     img, pts, vis = augment.augment_batch(
-        k, batch[m]['image'].astype(jnp.float32), batch[m]['landmarks'],
-        batch[m]['landmark_visible'], m, config.augment)
+      k,
+      batch[m]['image'].astype(jnp.float32),
+      batch[m]['landmarks'],
+      batch[m]['landmark_visible'],
+      m,
+      config.augment,
+    )
     images[m], targets[m] = img, (pts, vis)
   return images, targets
 
 
 def loss_fn(params, batch_stats, images, targets, *, model, config):
   """Mean over modalities of `modality_loss` on the augmented views."""
-  out, new_vars = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                              mutable=['batch_stats'])
+  out, new_vars = model.apply(
+    {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+  )
   total, metrics = 0.0, {}
   for m in config.modalities:
     l_m, parts = modality_loss(out[m], *targets[m], config.data.image_size, config.loss)
@@ -112,24 +124,40 @@ def evaluate(config, model, variables, root):
     train_arrays.append(train)
     test = pipeline.load_split_arrays(root, config.eval.split, m, size)
     vis_train = train['landmark_visible']
-    mean_pos = (train['landmarks'] * vis_train[..., None]).sum(0) / np.maximum(
-        vis_train.sum(0), 1)[:, None]
+    mean_pos = (train['landmarks'] * vis_train[..., None]).sum(0) / np.maximum(vis_train.sum(0), 1)[
+      :, None
+    ]
     pred, conf = predict(variables, test['image'], m, model=model, aug_cfg=config.augment)
-    row = {'held_out': detection_metrics(pred, conf, test['landmarks'], test['landmark_visible'],
-                                         size, threshold=thr, radius=radius)}
+    row = {
+      'held_out': detection_metrics(
+        pred, conf, test['landmarks'], test['landmark_visible'], size, threshold=thr, radius=radius
+      )
+    }
     baseline = np.broadcast_to(mean_pos, pred.shape)
     row['mean_position_baseline_mre_px'] = detection_metrics(
-        baseline, conf, test['landmarks'], test['landmark_visible'], size, threshold=thr,
-        radius=radius)['mre_px']
+      baseline,
+      conf,
+      test['landmarks'],
+      test['landmark_visible'],
+      size,
+      threshold=thr,
+      radius=radius,
+    )['mre_px']
     # The same held-out images moved by random spatial transforms: a detector that learnt the
     # average anatomy position, not the anatomy, fails here.
     key = jax.random.key(config.seed + 7919)
     img, pts, vis = augment.augment_batch(
-        key, jnp.asarray(test['image'], jnp.float32), jnp.asarray(test['landmarks']),
-        jnp.asarray(test['landmark_visible']), m, _spatial_only(config.augment))
+      key,
+      jnp.asarray(test['image'], jnp.float32),
+      jnp.asarray(test['landmarks']),
+      jnp.asarray(test['landmark_visible']),
+      m,
+      _spatial_only(config.augment),
+    )
     pred_t, conf_t = predict(variables, np.asarray(img), m, model=model, aug_cfg=None)
     row['held_out_transformed'] = detection_metrics(
-        pred_t, conf_t, np.asarray(pts), np.asarray(vis), size, threshold=thr, radius=radius)
+      pred_t, conf_t, np.asarray(pts), np.asarray(vis), size, threshold=thr, radius=radius
+    )
     results[m] = row
   return results, canonical_atlas(train_arrays)
 
@@ -149,13 +177,19 @@ def make_task(config, data) -> loop.Task:
     del scheduled
     # The views do not depend on the parameters: only their images enter the model.
     images, targets = make_views(batch, key, config)
-    value, (new_stats, metrics) = loss_fn(params, batch_stats, images, targets, model=model,
-                                          config=config)
+    value, (new_stats, metrics) = loss_fn(
+      params, batch_stats, images, targets, model=model, config=config
+    )
     return value, (new_stats, extra, metrics)
 
-  return loop.Task(model=model, dummy_inputs=model_inputs.dummy_inputs(
-      config.modalities, config.data.image_size), tx=tx, schedule=schedule, loss_fn=loss,
-                   total_steps=config.total_steps)
+  return loop.Task(
+    model=model,
+    dummy_inputs=model_inputs.dummy_inputs(config.modalities, config.data.image_size),
+    tx=tx,
+    schedule=schedule,
+    loss_fn=loss,
+    total_steps=config.total_steps,
+  )
 
 
 def build_model(config):
@@ -169,9 +203,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {'stopped_at': trained.stopped_at}
   variables = jax.device_get(trained.state.variables)
   per_modality, atlas = evaluate(config, trained.task.model, variables, trained.data.root)
-  results = {'steps': config.total_steps, 'image_size': config.data.image_size,
-             'detect_radius_fraction': config.eval.detect_radius,
-             'visible_threshold': config.eval.visible_threshold, 'modalities': per_modality}
+  results = {
+    'steps': config.total_steps,
+    'image_size': config.data.image_size,
+    'detect_radius_fraction': config.eval.detect_radius,
+    'visible_threshold': config.eval.visible_threshold,
+    'modalities': per_modality,
+  }
   if jax.process_index() == 0:
     info = {'step': config.total_steps, 'canonical_atlas': atlas}
     with open(os.path.join(workdir, detector_eval.DETECTOR_FILE), 'w', encoding='utf-8') as f:
@@ -184,19 +222,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def format_results(results: dict, workdir: str) -> str:
   if 'modalities' not in results:
     return ''
-  return ('\nLandmark detector on held-out images (test split):\n'
-          f'{format_table(results)}\nDetails: {os.path.join(workdir, "eval.json")}')
+  return (
+    '\nLandmark detector on held-out images (test split):\n'
+    f'{format_table(results)}\nDetails: {os.path.join(workdir, "eval.json")}'
+  )
 
 
 def format_table(results) -> str:
   """eval.json as a small text table: one row per modality."""
   size = results['image_size']
-  lines = [f'{"modality":<9}{"MRE px":>8}{"MRE %":>8}{"detect":>8}{"false+":>8}'
-           f'{"MRE px moved":>14}{"mean-pos px":>13}   (image {size}², radius '
-           f'{results["detect_radius_fraction"]:.0%})']
+  lines = [
+    f'{"modality":<9}{"MRE px":>8}{"MRE %":>8}{"detect":>8}{"false+":>8}'
+    f'{"MRE px moved":>14}{"mean-pos px":>13}   (image {size}², radius '
+    f'{results["detect_radius_fraction"]:.0%})'
+  ]
   for m, row in results['modalities'].items():
     h, t = row['held_out'], row['held_out_transformed']
-    lines.append(f'{m:<9}{h["mre_px"]:>8.2f}{h["mre_percent"]:>8.2f}{h["detection_rate"]:>8.3f}'
-                 f'{h["false_detection_rate"]:>8.3f}{t["mre_px"]:>14.2f}'
-                 f'{row["mean_position_baseline_mre_px"]:>13.2f}')
+    lines.append(
+      f'{m:<9}{h["mre_px"]:>8.2f}{h["mre_percent"]:>8.2f}{h["detection_rate"]:>8.3f}'
+      f'{h["false_detection_rate"]:>8.3f}{t["mre_px"]:>14.2f}'
+      f'{row["mean_position_baseline_mre_px"]:>13.2f}'
+    )
   return '\n'.join(lines)

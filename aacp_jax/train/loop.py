@@ -6,6 +6,7 @@ on the mesh, resume from the latest checkpoint (train state and data iterator to
 SIGINT/SIGTERM stop with a checkpoint, the non-finite policy, checkpointing, metrics.jsonl and
 TensorBoard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,12 +88,15 @@ class StopFlag:
 def nonfinite_message(first: int, last: int, skipped: int, last_bad: int) -> str:
   """The one line the non-finite policy ends a run with."""
   steps = f'step {last}' if first == last else f'steps {first}..{last}'
-  return (f'{steps}: {skipped} step(s) skipped because the loss or gradient norm was not finite '
-          f'(the last at step {last_bad})')
+  return (
+    f'{steps}: {skipped} step(s) skipped because the loss or gradient norm was not finite '
+    f'(the last at step {last_bad})'
+  )
 
 
-def train(config, workdir: str, make_task: Callable[[Any, inputs.Data], Task], *,
-          open_data=inputs.open_data) -> Trained:
+def train(
+  config, workdir: str, make_task: Callable[[Any, inputs.Data], Task], *, open_data=inputs.open_data
+) -> Trained:
   """Runs (or resumes) training of `make_task(config, data)` in `workdir` and returns `Trained`.
 
   Non-finite policy: a step whose loss or gradient norm is not finite changes nothing but the
@@ -106,11 +110,14 @@ def train(config, workdir: str, make_task: Callable[[Any, inputs.Data], Task], *
   mesh = sharding.make_mesh()
   data = open_data(config, workdir, mesh)
   task = make_task(config, data)
-  state, shardings = state_lib.create_state(task.model, task.tx, mesh, task.dummy_inputs,
-                                            config.seed, task.init_extra)
+  state, shardings = state_lib.create_state(
+    task.model, task.tx, mesh, task.dummy_inputs, config.seed, task.init_extra
+  )
   ckpt = ckpt_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), every_steps=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints)
+    os.path.join(workdir, 'checkpoints'),
+    every_steps=config.checkpoint_every_steps,
+    keep=config.keep_checkpoints,
+  )
   restored = ckpt.restore(ckpt_lib.abstract_like(state, shardings), data.iterator)
   if restored is not None:
     state = restored
@@ -118,15 +125,28 @@ def train(config, workdir: str, make_task: Callable[[Any, inputs.Data], Task], *
   start, total = int(state.step), task.total_steps
 
   step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=task.loss_fn, tx=task.tx, schedule=task.schedule,
-                        seed=config.seed, schedules=task.schedules,
-                        after_update=task.after_update),
-      in_shardings=(shardings, sharding.batch_sharded(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+    functools.partial(
+      train_step,
+      loss_fn=task.loss_fn,
+      tx=task.tx,
+      schedule=task.schedule,
+      seed=config.seed,
+      schedules=task.schedules,
+      after_update=task.after_update,
+    ),
+    in_shardings=(shardings, sharding.batch_sharded(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
   writer = MetricWriter(workdir)
-  logging.info('Training steps %d..%d (%d per epoch), batches %s on %d devices.',
-               start, total, data.steps_per_epoch, data.batches, mesh.size)
+  logging.info(
+    'Training steps %d..%d (%d per epoch), batches %s on %d devices.',
+    start,
+    total,
+    data.steps_per_epoch,
+    data.batches,
+    mesh.size,
+  )
 
   t_start = t_last = time.perf_counter()
   n_last, seen_nonfinite = start, int(state.nonfinite)
@@ -145,14 +165,16 @@ def train(config, workdir: str, make_task: Callable[[Any, inputs.Data], Task], *
           metrics['epoch'] = done / data.steps_per_epoch
           metrics['elapsed_s'] = now - t_start
           writer.write(done, metrics)
-          logging.info('step %d loss %.4f (%.1f img/s)', done, metrics['loss'],
-                       metrics['images_per_sec'])
+          logging.info(
+            'step %d loss %.4f (%.1f img/s)', done, metrics['loss'], metrics['images_per_sec']
+          )
           skipped = int(metrics['nonfinite_steps']) - seen_nonfinite
           if skipped:
             ckpt.save(done, state, data.iterator, force=True)
             raise FloatingPointError(
-                f'{nonfinite_message(n_last + 1, done, skipped, int(state.nonfinite_last))}; '
-                f'the state without them is saved in {ckpt.directory}')
+              f'{nonfinite_message(n_last + 1, done, skipped, int(state.nonfinite_last))}; '
+              f'the state without them is saved in {ckpt.directory}'
+            )
           t_last, n_last = now, done
         ckpt.save(done, state, data.iterator, force=stop.requested or done == total)
         if stop.requested:

@@ -1,5 +1,6 @@
 """The pretraining experiment: `config.method` (methods registry) on the shared loop, then
 linear probes of the encoders on held-out labels."""
+
 import json
 import os
 
@@ -28,11 +29,16 @@ def make_task(config, data) -> loop.Task:
   if method.init_extra is not None:
     init_extra = lambda variables: method.init_extra(config, variables)
   return loop.Task(
-      model=model, dummy_inputs=model_inputs.dummy_inputs(config.modalities,
-                                                          config.data.image_size),
-      tx=tx, schedule=schedule, loss_fn=method.make_loss(config, model, run),
-      total_steps=total_steps, schedules=method.make_schedules(config, run),
-      init_extra=init_extra, after_update=method.after_update)
+    model=model,
+    dummy_inputs=model_inputs.dummy_inputs(config.modalities, config.data.image_size),
+    tx=tx,
+    schedule=schedule,
+    loss_fn=method.make_loss(config, model, run),
+    total_steps=total_steps,
+    schedules=method.make_schedules(config, run),
+    init_extra=init_extra,
+    after_update=method.after_update,
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -43,8 +49,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {'steps': trained.task.total_steps}
   if config.eval.probe:
     from aacp_jax.eval import probe  # pylint: disable=g-import-not-at-top
-    results['probe'] = probe.evaluate_pretrained(config, trained.task.model, trained.state,
-                                                 trained.data.root)
+
+    results['probe'] = probe.evaluate_pretrained(
+      config, trained.task.model, trained.state, trained.data.root
+    )
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
         json.dump(results, f, indent=2)
@@ -55,5 +63,8 @@ def format_results(results: dict, workdir: str) -> str:
   if 'probe' not in results:
     return ''
   from aacp_jax.eval.probe import format_table  # pylint: disable=g-import-not-at-top
-  return ('\nLinear probes on held-out phantom labels (test split):\n'
-          f'{format_table(results["probe"])}\nDetails: {os.path.join(workdir, "eval.json")}')
+
+  return (
+    '\nLinear probes on held-out phantom labels (test split):\n'
+    f'{format_table(results["probe"])}\nDetails: {os.path.join(workdir, "eval.json")}'
+  )

@@ -1,4 +1,5 @@
 """Train state, optimiser, the finite-update rule and the checks every experiment shares."""
+
 from typing import Any
 
 import flax
@@ -40,7 +41,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   warmup = int(optim_cfg.warmup_steps)
   if warmup > 0:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, optim_cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1))
+      0.0, optim_cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1)
+    )
   else:
     schedule = optax.cosine_decay_schedule(optim_cfg.lr, decay_steps=max(total_steps, 1))
   parts = []
@@ -56,14 +58,20 @@ def create_state(model, tx, mesh, inputs, seed: int, init_extra=None):
   """(state, shardings): parameters initialised by a jitted init that places them, replicated,
   on the mesh. `inputs`: model.init's dummy images (`models.inputs.dummy_inputs`);
   `init_extra(variables)`: the method's extra state (default none)."""
+
   def init(key):
     variables = model.init(key, inputs, train=False)
     params = variables['params']
     extra = {} if init_extra is None else init_extra(variables)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), extra=extra,
-        nonfinite=jnp.zeros((), jnp.int32), nonfinite_last=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      extra=extra,
+      nonfinite=jnp.zeros((), jnp.int32),
+      nonfinite_last=jnp.zeros((), jnp.int32),
+    )
 
   key = jax.random.key(seed)
   abstract = jax.eval_shape(init, key)
@@ -85,13 +93,14 @@ def apply_if_finite(state: TrainState, grads, batch_stats, extra, loss, tx):
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
-      extra=keep(extra, state.extra),
-      nonfinite=state.nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
-      nonfinite_last=jnp.where(finite, state.nonfinite_last, state.step + 1))
+    step=state.step + 1,
+    params=keep(params, state.params),
+    batch_stats=keep(batch_stats, state.batch_stats),
+    opt_state=keep(opt_state, state.opt_state),
+    extra=keep(extra, state.extra),
+    nonfinite=state.nonfinite + jnp.where(finite, 0, 1).astype(jnp.int32),
+    nonfinite_last=jnp.where(finite, state.nonfinite_last, state.step + 1),
+  )
   return new_state, finite, grad_norm, updates
 
 
@@ -119,8 +128,9 @@ def check_common(config) -> None:
   if config.log_every_steps <= 0:
     raise ValueError(f'config.log_every_steps={config.log_every_steps}: must be positive')
   if config.checkpoint_every_steps <= 0:
-    raise ValueError(f'config.checkpoint_every_steps={config.checkpoint_every_steps}: must be '
-                     'positive')
+    raise ValueError(
+      f'config.checkpoint_every_steps={config.checkpoint_every_steps}: must be positive'
+    )
   if config.keep_checkpoints < 1:
     raise ValueError(f'config.keep_checkpoints={config.keep_checkpoints}: must be >= 1')
   layers.compute_dtype(config.model.dtype)

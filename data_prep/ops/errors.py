@@ -1,4 +1,5 @@
 """The one error type of the preprocessing ops: a kind the runner can count and a one-line reason."""
+
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,19 @@ from aacp_jax import errors
 # 'not_a_file' (a directory or device where a file was named), 'decompression_bomb' (an image
 # whose header declares more pixels than any radiograph has) and 'unstripped' (a head where a
 # skull-stripped brain was promised) say what happened where a catch-all kind would mislead.
-KINDS = ('corrupt', 'truncated', 'empty', 'unsupported', 'dimensions', 'nan', 'missing_file',
-         'geometry', 'not_a_file', 'decompression_bomb', 'unstripped')
+KINDS = (
+  'corrupt',
+  'truncated',
+  'empty',
+  'unsupported',
+  'dimensions',
+  'nan',
+  'missing_file',
+  'geometry',
+  'not_a_file',
+  'decompression_bomb',
+  'unstripped',
+)
 
 
 class PrepError(ValueError):

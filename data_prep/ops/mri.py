@@ -6,6 +6,7 @@ ONE transform (estimated on the reference sequence, T1 by default), so the chann
 stripping is then the template's brain mask applied in MNI space, where it already fits — nothing has
 to be carried back to native space.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,13 +40,17 @@ def mni_template(resolution: int = 2) -> tuple[sitk.Image, sitk.Image]:
   Shipped inside nilearn, so nothing is downloaded. ``resolution`` 1 or 2 mm.
   """
   from nilearn import datasets
+
   template = nib_to_sitk(datasets.load_mni152_template(resolution=resolution))
-  mask = sitk.Cast(nib_to_sitk(datasets.load_mni152_brain_mask(resolution=resolution)) > 0.5, sitk.sitkUInt8)
+  mask = sitk.Cast(
+    nib_to_sitk(datasets.load_mni152_brain_mask(resolution=resolution)) > 0.5, sitk.sitkUInt8
+  )
   return template, mask
 
 
-def n4(image: sitk.Image, *, mask: sitk.Image | None = None, shrink: int = 4,
-       iterations=(50, 50, 30)) -> sitk.Image:
+def n4(
+  image: sitk.Image, *, mask: sitk.Image | None = None, shrink: int = 4, iterations=(50, 50, 30)
+) -> sitk.Image:
   """N4 bias-field correction: ``image / exp(log_bias)``, the field fitted on a ``shrink``-times smaller
   copy (the field is smooth, so this loses nothing and is ~shrink³ faster) and evaluated at full size.
 
@@ -72,9 +77,17 @@ def n4(image: sitk.Image, *, mask: sitk.Image | None = None, shrink: int = 4,
   return sitk.Cast(image / sitk.Exp(log_bias), sitk.sitkFloat32)
 
 
-def register(moving: sitk.Image, fixed: sitk.Image, *, kind: str = 'rigid', iterations: int = 100,
-             shrink=(4, 2, 1), sampling: float = 0.2, fixed_mask: sitk.Image | None = None,
-             seed: int = 0) -> sitk.Transform:
+def register(
+  moving: sitk.Image,
+  fixed: sitk.Image,
+  *,
+  kind: str = 'rigid',
+  iterations: int = 100,
+  shrink=(4, 2, 1),
+  sampling: float = 0.2,
+  fixed_mask: sitk.Image | None = None,
+  seed: int = 0,
+) -> sitk.Transform:
   """A transform mapping ``fixed`` points to ``moving`` points (ITK's convention: resample ``moving``
   with it onto ``fixed``). Mattes mutual information (works across T1/T2/FLAIR contrasts), moments
   initialisation, a coarse-to-fine pyramid; ``affine`` runs a rigid stage first, then the affine one.
@@ -85,7 +98,8 @@ def register(moving: sitk.Image, fixed: sitk.Image, *, kind: str = 'rigid', iter
   moving = sitk.Cast(moving, sitk.sitkFloat32)
   try:
     transform = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+      fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
   except RuntimeError as e:
     raise PrepError('empty', f'registration: cannot initialise ({one_line(e)})') from None
   stages = [transform]
@@ -107,8 +121,9 @@ def register(moving: sitk.Image, fixed: sitk.Image, *, kind: str = 'rigid', iter
       method.SetMetricFixedMask(sitk.Cast(fixed_mask, sitk.sitkUInt8))
     # Regular-step descent: plain gradient descent's convergence window stopped after 10 noisy
     # iterations 13 mm off on the test's 8° / 9 mm misalignment; this one recovers it to 0.1 mm.
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
-                                                    numberOfIterations=iterations, relaxationFactor=0.5)
+    method.SetOptimizerAsRegularStepGradientDescent(
+      learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.5
+    )
     # Scales from physical shift: one step moves rotations and translations by comparable millimetres.
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(list(shrink))
@@ -123,8 +138,9 @@ def register(moving: sitk.Image, fixed: sitk.Image, *, kind: str = 'rigid', iter
   return transform
 
 
-def warp(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *,
-         mask: bool = False) -> sitk.Image:
+def warp(
+  image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *, mask: bool = False
+) -> sitk.Image:
   """``image`` resampled onto ``reference``'s grid through ``transform`` (linear float32; nearest uint8 masks)."""
   if mask:
     return sitk.Resample(image, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -134,7 +150,9 @@ def warp(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *,
 def skull_strip(image: sitk.Image, brain_mask: sitk.Image) -> sitk.Image:
   """``image`` (already on the mask's grid, e.g. MNI) with everything outside the brain mask set to 0."""
   if image.GetSize() != brain_mask.GetSize():
-    raise PrepError('dimensions', f'skull_strip: image {image.GetSize()} and mask {brain_mask.GetSize()} differ')
+    raise PrepError(
+      'dimensions', f'skull_strip: image {image.GetSize()} and mask {brain_mask.GetSize()} differ'
+    )
   return sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), sitk.Cast(brain_mask, sitk.sitkUInt8))
 
 
@@ -163,17 +181,27 @@ def stack_sequences(t1: np.ndarray, t2: np.ndarray, flair: np.ndarray) -> np.nda
   """(Z, H, W) T1, T2, FLAIR arrays → float16 (Z, H, W, 3) in that channel order (the record's)."""
   arrays = [np.asarray(a) for a in (t1, t2, flair)]
   if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 3:
-    raise PrepError('dimensions', f'stack_sequences: shapes {[a.shape for a in arrays]} differ or are not 3-D')
+    raise PrepError(
+      'dimensions', f'stack_sequences: shapes {[a.shape for a in arrays]} differ or are not 3-D'
+    )
   stacked = np.stack(arrays, axis=-1)
   if np.abs(stacked).max() > np.finfo(np.float16).max:
     raise PrepError('nan', 'stack_sequences: values overflow float16 (normalise first)')
   return stacked.astype(np.float16)
 
 
-def brain_to_mni(sequences: Mapping[str, sitk.Image], *, reference: str = 't1', stripped: bool = False,
-                 resolution: int = 1, kind: str = 'affine', bias_correct: bool = True,
-                 iterations: int = 100, shrink=(4, 2, 1), seed: int = 0
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def brain_to_mni(
+  sequences: Mapping[str, sitk.Image],
+  *,
+  reference: str = 't1',
+  stripped: bool = False,
+  resolution: int = 1,
+  kind: str = 'affine',
+  bias_correct: bool = True,
+  iterations: int = 100,
+  shrink=(4, 2, 1),
+  seed: int = 0,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """One exam's sequences → ({name: float32 (Z, H, W) canonical, N4-corrected, on the MNI grid,
   skull-stripped, instance-normalised}, brain mask uint8 (Z, H, W)).
 
@@ -184,13 +212,28 @@ def brain_to_mni(sequences: Mapping[str, sitk.Image], *, reference: str = 't1', 
   affine fit (no learned stripping tool is among our packages).
   """
   if reference not in sequences:
-    raise PrepError('missing_file', f'brain_to_mni: no {reference!r} sequence among {sorted(sequences)}')
+    raise PrepError(
+      'missing_file', f'brain_to_mni: no {reference!r} sequence among {sorted(sequences)}'
+    )
   template, brain = mni_template(resolution)
-  region = None if stripped else sitk.BinaryDilate(brain, [max(1, round(8 / s)) for s in brain.GetSpacing()])
-  corrected = {name: n4(img) if bias_correct else sitk.Cast(img, sitk.sitkFloat32)
-               for name, img in sequences.items()}
-  transform = register(corrected[reference], template, kind=kind, iterations=iterations, shrink=shrink,
-                       fixed_mask=region, seed=seed)
+  region = (
+    None
+    if stripped
+    else sitk.BinaryDilate(brain, [max(1, round(8 / s)) for s in brain.GetSpacing()])
+  )
+  corrected = {
+    name: n4(img) if bias_correct else sitk.Cast(img, sitk.sitkFloat32)
+    for name, img in sequences.items()
+  }
+  transform = register(
+    corrected[reference],
+    template,
+    kind=kind,
+    iterations=iterations,
+    shrink=shrink,
+    fixed_mask=region,
+    seed=seed,
+  )
   brain_np = sitk.GetArrayFromImage(to_canonical(brain)).astype(np.uint8)
   out = {}
   for name, img in corrected.items():

@@ -7,13 +7,14 @@ z superior→inferior). ``ct_slabs`` never builds the whole 1 mm volume: each 64
 straight from the input onto its part of one canonical grid, so orientation and resampling are a single
 interpolation and memory stays at the input plus one slab.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import os
-import zlib
 from typing import Iterator, Sequence
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,6 +35,7 @@ def _check_complete(path: str) -> None:
   lower = path.lower()
   if lower.endswith(('.nii', '.nii.gz')):
     import nibabel as nib
+
     if lower.endswith('.gz'):
       # The gzip stream first: a cut-off .gz may not even hold a whole header.
       have = 0
@@ -51,8 +53,10 @@ def _check_complete(path: str) -> None:
       header = nib.load(path).header
     except Exception as e:  # nibabel raises several types for a bad header
       raise PrepError('corrupt', f'{path}: unreadable NIfTI header ({one_line(e)})') from None
-    need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * \
-        header.get_data_dtype().itemsize
+    need = (
+      int(header.get_data_offset())
+      + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+    )
     if have < need:
       raise PrepError('truncated', f'{path}: {have} bytes, the header needs {need}')
     # nibabel "fixes" pixdim 0 to 1 as it loads, which is the very thing to catch: reread it raw.
@@ -76,8 +80,16 @@ def _check_complete(path: str) -> None:
     raw = os.path.join(os.path.dirname(path), data)
     if data in ('', 'LOCAL') or not os.path.isfile(raw):
       raise PrepError('missing_file', f'{path}: data file {data!r} not found')
-    itemsize = {'MET_UCHAR': 1, 'MET_CHAR': 1, 'MET_USHORT': 2, 'MET_SHORT': 2, 'MET_UINT': 4,
-                'MET_INT': 4, 'MET_FLOAT': 4, 'MET_DOUBLE': 8}.get(fields.get('ElementType'), 0)
+    itemsize = {
+      'MET_UCHAR': 1,
+      'MET_CHAR': 1,
+      'MET_USHORT': 2,
+      'MET_SHORT': 2,
+      'MET_UINT': 4,
+      'MET_INT': 4,
+      'MET_FLOAT': 4,
+      'MET_DOUBLE': 8,
+    }.get(fields.get('ElementType'), 0)
     try:
       dims = [int(d) for d in fields.get('DimSize', '').split()]
     except ValueError:
@@ -90,14 +102,18 @@ def _check_complete(path: str) -> None:
 def _check_nifti_geometry(header, path: str) -> None:
   """PrepError ``geometry`` when a NIfTI header gives no voxel size: ITK then reads 1 mm isotropic
   without a word, and every millimetre downstream (slabs, MNI, spacing) would be made up."""
-  sform = int(header['sform_code']) > 0 and \
-      (np.linalg.norm(header.get_sform()[:3, :3], axis=0) > 0).all()
+  sform = (
+    int(header['sform_code']) > 0 and (np.linalg.norm(header.get_sform()[:3, :3], axis=0) > 0).all()
+  )
   spatial = min(3, len(header.get_data_shape()))
-  pixdim = np.asarray(header['pixdim'][1:1 + spatial], np.float64)
+  pixdim = np.asarray(header['pixdim'][1 : 1 + spatial], np.float64)
   if not sform and not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
-    raise PrepError('geometry', f'{path}: no voxel size (pixdim {pixdim.tolist()}, qform_code '
-                    f'{int(header["qform_code"])}, sform_code {int(header["sform_code"])}); '
-                    'restore the header from the source data rather than assume 1 mm')
+    raise PrepError(
+      'geometry',
+      f'{path}: no voxel size (pixdim {pixdim.tolist()}, qform_code '
+      f'{int(header["qform_code"])}, sform_code {int(header["sform_code"])}); '
+      'restore the header from the source data rather than assume 1 mm',
+    )
 
 
 def check_finite(image: sitk.Image, where: str) -> None:
@@ -121,8 +137,11 @@ def read_volume(path: str, *, ndim: int = 3) -> sitk.Image:
   if image.GetDimension() == ndim + 1 and image.GetSize()[-1] == 1:
     image = image[(slice(None),) * ndim + (0,)]
   if image.GetDimension() != ndim or image.GetNumberOfComponentsPerPixel() != 1:
-    raise PrepError('dimensions', f'{path}: a {image.GetDimension()}-D image with '
-                    f'{image.GetNumberOfComponentsPerPixel()} components, expected a scalar {ndim}-D volume')
+    raise PrepError(
+      'dimensions',
+      f'{path}: a {image.GetDimension()}-D image with '
+      f'{image.GetNumberOfComponentsPerPixel()} components, expected a scalar {ndim}-D volume',
+    )
   if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
     raise PrepError('empty', f'{path}: size {image.GetSize()}')
   check_finite(image, path)
@@ -143,22 +162,34 @@ def _series_geometry(headers: Sequence[DicomHeader]):
     raise PrepError('dimensions', f'{where}: a series of {len(headers)} slice, not a volume')
   for h in headers:
     if h.frames != 1 or h.samples != 1:
-      raise PrepError('unsupported', f'{h.path}: {h.frames} frames x {h.samples} samples; '
-                      'only single-frame greyscale slices are read')
+      raise PrepError(
+        'unsupported',
+        f'{h.path}: {h.frames} frames x {h.samples} samples; '
+        'only single-frame greyscale slices are read',
+      )
     if (h.rows, h.columns) != (first.rows, first.columns):
-      raise PrepError('dimensions', f'{h.path}: {h.rows}x{h.columns} slice in a '
-                      f'{first.rows}x{first.columns} series')
+      raise PrepError(
+        'dimensions',
+        f'{h.path}: {h.rows}x{h.columns} slice in a {first.rows}x{first.columns} series',
+      )
     if h.position is None or h.orientation is None or h.pixel_spacing is None:
-      raise PrepError('geometry', f'{h.path}: no ImagePositionPatient/ImageOrientationPatient/PixelSpacing')
-    if not np.allclose(h.orientation, first.orientation, atol=1e-4) or \
-        not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4):
-      raise PrepError('geometry', f'{h.path}: orientation or pixel spacing differs within the series')
+      raise PrepError(
+        'geometry', f'{h.path}: no ImagePositionPatient/ImageOrientationPatient/PixelSpacing'
+      )
+    if not np.allclose(h.orientation, first.orientation, atol=1e-4) or not np.allclose(
+      h.pixel_spacing, first.pixel_spacing, rtol=1e-4
+    ):
+      raise PrepError(
+        'geometry', f'{h.path}: orientation or pixel spacing differs within the series'
+      )
   row_dir = np.array(first.orientation[:3])
   col_dir = np.array(first.orientation[3:])
   normal = np.cross(row_dir, col_dir)
   if abs(np.linalg.norm(normal) - 1) > 1e-3:
-    raise PrepError('geometry', f'{where}: ImageOrientationPatient {first.orientation} is not two unit '
-                    'orthogonal directions')
+    raise PrepError(
+      'geometry',
+      f'{where}: ImageOrientationPatient {first.orientation} is not two unit orthogonal directions',
+    )
   positions = np.array([h.position for h in headers])
   depth = positions @ normal
   order = np.argsort(depth, kind='stable')
@@ -167,14 +198,20 @@ def _series_geometry(headers: Sequence[DicomHeader]):
   # volume that a direction matrix cannot describe).
   drift = positions - positions[order[0]] - np.outer(depth - depth[order[0]], normal)
   if np.abs(drift).max() > 0.5 * min(first.pixel_spacing):
-    raise PrepError('geometry', f'{where}: slice positions drift {np.abs(drift).max():.2f} mm in-plane '
-                    '(gantry tilt); sheared series are not resampled')
+    raise PrepError(
+      'geometry',
+      f'{where}: slice positions drift {np.abs(drift).max():.2f} mm in-plane '
+      '(gantry tilt); sheared series are not resampled',
+    )
   if np.any(steps < 1e-3):
     raise PrepError('geometry', f'{where}: two slices at the same position (duplicate slice)')
   step = float(np.median(steps))
   if np.max(np.abs(steps - step)) > 0.1 * step:
-    raise PrepError('geometry', f'{where}: slice spacing varies from {steps.min():.3f} to '
-                    f'{steps.max():.3f} mm (missing slices?)')
+    raise PrepError(
+      'geometry',
+      f'{where}: slice spacing varies from {steps.min():.3f} to '
+      f'{steps.max():.3f} mm (missing slices?)',
+    )
   sorted_headers = [headers[i] for i in order]
   direction = np.stack([row_dir, col_dir, normal], axis=1)
   spacing = (first.pixel_spacing[1], first.pixel_spacing[0], step)
@@ -215,6 +252,7 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
 @dataclasses.dataclass(frozen=True)
 class Grid:
   """A canonical output grid: origin (LPS mm, centre of voxel 0), spacing (x, y, z), size (x, y, z)."""
+
   origin: tuple[float, float, float]
   spacing: tuple[float, float, float]
   size: tuple[int, int, int]
@@ -233,35 +271,56 @@ def canonical_grid(image: sitk.Image, spacing=1.0) -> Grid:
   centred in it (so an axis-aligned 1 mm input maps voxel-for-voxel onto itself)."""
   spacing = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
   size = image.GetSize()
-  corners = np.array([image.TransformContinuousIndexToPhysicalPoint(
-      [float(c * (n - 1)) for c, n in zip(corner, size)])
-      for corner in np.ndindex(2, 2, 2)])
+  corners = np.array(
+    [
+      image.TransformContinuousIndexToPhysicalPoint(
+        [float(c * (n - 1)) for c, n in zip(corner, size)]
+      )
+      for corner in np.ndindex(2, 2, 2)
+    ]
+  )
   lo, hi = corners.min(0), corners.max(0)
   count = np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1
   slack = (hi - lo) - (count - 1) * spacing
   origin = lo + slack / 2
   origin[2] = hi[2] - slack[2] / 2  # slices run toward inferior: start at the top
-  return Grid(tuple(float(o) for o in origin), tuple(float(s) for s in spacing),
-              tuple(int(c) for c in count))
+  return Grid(
+    tuple(float(o) for o in origin), tuple(float(s) for s in spacing), tuple(int(c) for c in count)
+  )
 
 
-def resample(image: sitk.Image, spacing=1.0, *, mask: bool = False, grid: Grid | None = None,
-             default: float = 0.0) -> sitk.Image:
+def resample(
+  image: sitk.Image,
+  spacing=1.0,
+  *,
+  mask: bool = False,
+  grid: Grid | None = None,
+  default: float = 0.0,
+) -> sitk.Image:
   """``image`` on ``grid`` (default: its canonical grid at ``spacing`` mm). Images: linear, float32;
   masks: nearest neighbour, uint8 (labels must not blend). Points outside the input get ``default``."""
   grid = grid or canonical_grid(image, spacing)
   if mask:
-    return sitk.Resample(image, grid.reference(sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor,
-                         0, sitk.sitkUInt8)
-  return sitk.Resample(image, grid.reference(), sitk.Transform(), sitk.sitkLinear, float(default),
-                       sitk.sitkFloat32)
+    return sitk.Resample(
+      image,
+      grid.reference(sitk.sitkUInt8),
+      sitk.Transform(),
+      sitk.sitkNearestNeighbor,
+      0,
+      sitk.sitkUInt8,
+    )
+  return sitk.Resample(
+    image, grid.reference(), sitk.Transform(), sitk.sitkLinear, float(default), sitk.sitkFloat32
+  )
 
 
 def slab_starts(depth: int, slab: int = 64, stride: int = 64) -> list[int]:
   """Start slices of ``slab``-slice windows every ``stride`` slices. When they do not end on the last
   slice, one more slab ends exactly there (overlapping its neighbour) so no slice is dropped."""
   if depth < slab:
-    raise PrepError('dimensions', f'{depth} slices at the target spacing, fewer than one {slab}-slice slab')
+    raise PrepError(
+      'dimensions', f'{depth} slices at the target spacing, fewer than one {slab}-slice slab'
+    )
   starts = list(range(0, depth - slab + 1, stride))
   if starts[-1] + slab < depth:
     starts.append(depth - slab)
@@ -270,10 +329,10 @@ def slab_starts(depth: int, slab: int = 64, stride: int = 64) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Slab:
-  image: np.ndarray               # int16 (H, W, slab) HU, rows A→P, columns R→L, channels S→I
-  mask: np.ndarray | None         # uint8 (H, W, slab), aligned with image
-  spacing: np.ndarray             # float32 (3,): (row, col, slice) mm
-  start: int                      # first slice on the canonical grid
+  image: np.ndarray  # int16 (H, W, slab) HU, rows A→P, columns R→L, channels S→I
+  mask: np.ndarray | None  # uint8 (H, W, slab), aligned with image
+  spacing: np.ndarray  # float32 (3,): (row, col, slice) mm
+  start: int  # first slice on the canonical grid
 
 
 def _same_space(a: sitk.Image, b: sitk.Image) -> bool:
@@ -316,31 +375,55 @@ def align_to(image: sitk.Image, reference: sitk.Image, where: str = 'image') -> 
   a = inv @ ref
   b = inv @ (np.asarray(reference.GetOrigin()) - origin)
   perm = np.rint(a)
-  ok = np.allclose(a, perm, atol=1e-3) and (np.abs(perm).sum(0) == 1).all() and \
-      (np.abs(perm).sum(1) == 1).all()
+  ok = (
+    np.allclose(a, perm, atol=1e-3)
+    and (np.abs(perm).sum(0) == 1).all()
+    and (np.abs(perm).sum(1) == 1).all()
+  )
   if ok:
-    corners = np.array([[c * (n - 1) for c, n in zip(corner, reference.GetSize())]
-                        for corner in np.ndindex(2, 2, 2)], np.float64)
+    corners = np.array(
+      [
+        [c * (n - 1) for c, n in zip(corner, reference.GetSize())] for corner in np.ndindex(2, 2, 2)
+      ],
+      np.float64,
+    )
     mapped = corners @ a.T + b
     nearest = np.rint(mapped)
-    ok = np.abs(mapped - nearest).max() < 0.5 and (nearest >= 0).all() and \
-        (nearest <= np.asarray(image.GetSize()) - 1).all()
+    ok = (
+      np.abs(mapped - nearest).max() < 0.5
+      and (nearest >= 0).all()
+      and (nearest <= np.asarray(image.GetSize()) - 1).all()
+    )
   if not ok:
     shift = np.abs(np.asarray(image.GetOrigin()) - np.asarray(reference.GetOrigin())).max()
-    raise PrepError('geometry', f'{where}: its voxel grid is not the volume\'s (origins '
-                    f'{shift:.1f} mm apart, or another spacing/orientation); refusing to copy the '
-                    'header or interpolate labels')
-  return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                       image.GetPixelID())
+    raise PrepError(
+      'geometry',
+      f"{where}: its voxel grid is not the volume's (origins "
+      f'{shift:.1f} mm apart, or another spacing/orientation); refusing to copy the '
+      'header or interpolate labels',
+    )
+  return sitk.Resample(
+    image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID()
+  )
 
 
-def ct_slabs(image: sitk.Image, *, mask: sitk.Image | None = None, spacing=1.0, slab: int = 64,
-             stride: int = 64, where: str = '') -> Iterator[Slab]:
+def ct_slabs(
+  image: sitk.Image,
+  *,
+  mask: sitk.Image | None = None,
+  spacing=1.0,
+  slab: int = 64,
+  stride: int = 64,
+  where: str = '',
+) -> Iterator[Slab]:
   """64-slice int16 HU slabs of a CT volume on its canonical ``spacing`` mm grid (see slab_starts)."""
   where = where or 'volume'
   if mask is not None and not _same_space(image, mask):
-    raise PrepError('geometry', f'{where}: the mask {mask.GetSize()} does not cover the image '
-                    f'{image.GetSize()} voxel for voxel')
+    raise PrepError(
+      'geometry',
+      f'{where}: the mask {mask.GetSize()} does not cover the image '
+      f'{image.GetSize()} voxel for voxel',
+    )
   grid = canonical_grid(image, spacing)
   try:
     starts = slab_starts(grid.size[2], slab, stride)

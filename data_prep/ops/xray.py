@@ -6,24 +6,41 @@ resize so its tiles cover the same fraction of anatomy whatever the detector's p
 a fraction of a full-resolution pass), and before the padding so the black border never enters a tile's
 histogram.
 """
+
 from __future__ import annotations
 
-import os
 import warnings
 import zlib
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
+import pydicom
 from skimage import exposure, transform
 
 from data_prep.ops.dicom import check_regular_file, check_transfer_syntax, read_header
 from data_prep.ops.errors import PrepError, one_line
 
-_PIXEL_TAGS = ('PixelData', 'Rows', 'Columns', 'SamplesPerPixel', 'PhotometricInterpretation',
-               'BitsAllocated', 'BitsStored', 'HighBit', 'PixelRepresentation', 'NumberOfFrames',
-               'PlanarConfiguration', 'RescaleSlope', 'RescaleIntercept', 'RescaleType',
-               'ModalityLUTSequence', 'VOILUTSequence', 'WindowCenter', 'WindowWidth', 'VOILUTFunction')
+_PIXEL_TAGS = (
+  'PixelData',
+  'Rows',
+  'Columns',
+  'SamplesPerPixel',
+  'PhotometricInterpretation',
+  'BitsAllocated',
+  'BitsStored',
+  'HighBit',
+  'PixelRepresentation',
+  'NumberOfFrames',
+  'PlanarConfiguration',
+  'RescaleSlope',
+  'RescaleIntercept',
+  'RescaleType',
+  'ModalityLUTSequence',
+  'VOILUTSequence',
+  'WindowCenter',
+  'WindowWidth',
+  'VOILUTFunction',
+)
 
 
 def read_dicom_xray(path: str, *, voi: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +50,11 @@ def read_dicom_xray(path: str, *, voi: bool = True) -> tuple[np.ndarray, np.ndar
   header = read_header(path)
   check_transfer_syntax(header, decoder='pydicom')
   if header.samples != 1 or header.photometric not in ('MONOCHROME1', 'MONOCHROME2'):
-    raise PrepError('unsupported', f'{path}: {header.photometric} with {header.samples} samples; '
-                    'a radiograph must be MONOCHROME1/2')
+    raise PrepError(
+      'unsupported',
+      f'{path}: {header.photometric} with {header.samples} samples; '
+      'a radiograph must be MONOCHROME1/2',
+    )
   if header.frames != 1:
     raise PrepError('dimensions', f'{path}: {header.frames} frames, a radiograph has one')
   try:
@@ -48,7 +68,9 @@ def read_dicom_xray(path: str, *, voi: bool = True) -> tuple[np.ndarray, np.ndar
     raise PrepError('corrupt', f'{path}: unreadable pixels ({one_line(e)})') from None
   values = np.asarray(values, np.float32)
   if values.shape != (header.rows, header.columns):
-    raise PrepError('dimensions', f'{path}: pixels {values.shape}, header {header.rows}x{header.columns}')
+    raise PrepError(
+      'dimensions', f'{path}: pixels {values.shape}, header {header.rows}x{header.columns}'
+    )
   if not np.isfinite(values).all():
     raise PrepError('nan', f'{path}: non-finite pixel values')
   if header.photometric == 'MONOCHROME1':
@@ -87,8 +109,19 @@ def _png_shortfall(path: str) -> tuple[int, int] | None:
         depth, colour, interlace = data[8], data[9], data[12]
         bits = depth * _PNG_CHANNELS.get(colour, 1)
         # Adam7 passes: (first row, row step, first column, column step).
-        passes = ([(0, 8, 0, 8), (0, 8, 4, 8), (4, 8, 0, 4), (0, 4, 2, 4), (2, 4, 0, 2),
-                   (0, 2, 1, 2), (1, 2, 0, 1)] if interlace else [(0, 1, 0, 1)])
+        passes = (
+          [
+            (0, 8, 0, 8),
+            (0, 8, 4, 8),
+            (4, 8, 0, 4),
+            (0, 4, 2, 4),
+            (2, 4, 0, 2),
+            (0, 2, 1, 2),
+            (1, 2, 0, 1),
+          ]
+          if interlace
+          else [(0, 1, 0, 1)]
+        )
         need = 0
         for r0, dr, c0, dc in passes:
           rows, cols = max(0, -(-(height - r0) // dr)), max(0, -(-(width - c0) // dc))
@@ -118,8 +151,11 @@ def read_image_file(path: str) -> np.ndarray:
     head = f.read(132)
   if head[128:132] == b'DICM':
     # PIL cannot read it, and 'corrupt' would send the user to re-download a file that is fine.
-    raise PrepError('unsupported', f'{path}: a DICOM file, not PNG/JPG; convert DICOM radiographs '
-                    'with python -m data_prep.dicom_xray')
+    raise PrepError(
+      'unsupported',
+      f'{path}: a DICOM file, not PNG/JPG; convert DICOM radiographs '
+      'with python -m data_prep.dicom_xray',
+    )
   try:
     with warnings.catch_warnings():
       # PIL only warns between MAX_IMAGE_PIXELS and twice that; either way it is no radiograph.
@@ -128,8 +164,11 @@ def read_image_file(path: str) -> np.ndarray:
         # Before decoding: PIL's own error for a short stream, where it has one, says less.
         shortfall = _png_shortfall(path) if img.format == 'PNG' else None
         if shortfall:
-          raise PrepError('truncated', f'{path}: PNG data fills {shortfall[0]} of the '
-                          f'{shortfall[1]} bytes its header declares (the rest would decode black)')
+          raise PrepError(
+            'truncated',
+            f'{path}: PNG data fills {shortfall[0]} of the '
+            f'{shortfall[1]} bytes its header declares (the rest would decode black)',
+          )
         img.load()
         # Cameras and some exporters store the sensor's orientation plus an EXIF tag saying how to
         # turn it; ignoring the tag would store the radiograph rotated.
@@ -178,7 +217,9 @@ def to_uint8(x: np.ndarray, *, percentiles=(0.5, 99.5)) -> np.ndarray:
 def clahe(u8: np.ndarray, *, clip_limit: float = 0.01, kernel_size=None) -> np.ndarray:
   """Contrast-limited adaptive histogram equalisation (``skimage.exposure.equalize_adapthist``; default
   tiles 1/8 of each side) as uint8."""
-  out = exposure.equalize_adapthist(np.asarray(u8, np.uint8), clip_limit=clip_limit, kernel_size=kernel_size)
+  out = exposure.equalize_adapthist(
+    np.asarray(u8, np.uint8), clip_limit=clip_limit, kernel_size=kernel_size
+  )
   return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -188,9 +229,12 @@ def resize_long_side(u8: np.ndarray, size: int = 1024) -> tuple[np.ndarray, np.n
   h, w = u8.shape
   factor = size / max(h, w)
   new = (max(1, round(h * factor)), max(1, round(w * factor)))
-  out = transform.resize(u8.astype(np.float32), new, order=1, anti_aliasing=factor < 1,
-                         preserve_range=True)
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8), np.array([new[0] / h, new[1] / w], np.float32)
+  out = transform.resize(
+    u8.astype(np.float32), new, order=1, anti_aliasing=factor < 1, preserve_range=True
+  )
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8), np.array(
+    [new[0] / h, new[1] / w], np.float32
+  )
 
 
 def pad_square(u8: np.ndarray, size: int = 1024) -> tuple[np.ndarray, tuple[int, int]]:
@@ -200,12 +244,18 @@ def pad_square(u8: np.ndarray, size: int = 1024) -> tuple[np.ndarray, tuple[int,
     raise ValueError(f'pad_square: {u8.shape} does not fit in {size}')
   top, left = (size - h) // 2, (size - w) // 2
   out = np.zeros((size, size), np.uint8)
-  out[top:top + h, left:left + w] = u8
+  out[top : top + h, left : left + w] = u8
   return out, (top, left)
 
 
-def prepare_xray(pixels: np.ndarray, spacing=(0.0, 0.0), *, size: int = 1024, use_clahe: bool = True,
-                 percentiles=(0.5, 99.5)) -> tuple[np.ndarray, np.ndarray]:
+def prepare_xray(
+  pixels: np.ndarray,
+  spacing=(0.0, 0.0),
+  *,
+  size: int = 1024,
+  use_clahe: bool = True,
+  percentiles=(0.5, 99.5),
+) -> tuple[np.ndarray, np.ndarray]:
   """Greyscale pixels (bone bright) → (uint8 (size, size, 1), float32 (3,) spacing (row, col, 0) mm)."""
   u8 = to_uint8(pixels, percentiles=percentiles)
   u8, scale = resize_long_side(u8, size)
