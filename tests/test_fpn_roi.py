@@ -18,7 +18,7 @@ STRIDES = (4, 8, 16, 32)
 def test_fpn_levels_have_paper_strides_and_widths(size):
   # The paper's model (ResNet-50, FPN widths 64/128/256/512), shapes only (nothing materialised).
   c = pretrain.get_config()
-  model = encoders.build_model(c.model, ('ct',))
+  model = encoders.build_model(c.model, ('ct',), num_landmarks=20)
   x = jax.ShapeDtypeStruct((2, size, size, 64), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), {'ct': x}, train=False), x)
   levels = jax.eval_shape(

@@ -1,11 +1,11 @@
-"""Projector and LinearHead: layer layout, output dims/dtypes, normalisation, BatchNorm state."""
+"""Projector: layer layout, output dims/dtypes, normalisation, BatchNorm state."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aacp_jax.models.heads import LinearHead, Projector, l2_normalize
+from aacp_jax.models.heads import Projector, l2_normalize
 
 
 def key(seed=0):
@@ -53,14 +53,3 @@ def test_l2_normalize_is_safe_at_zero():
   v = jnp.array([[3.0, 4.0]], jnp.bfloat16)
   np.testing.assert_allclose(l2_normalize(v), [[0.6, 0.8]], rtol=1e-6)
   assert l2_normalize(v).dtype == jnp.float32
-
-
-def test_linear_head():
-  head = LinearHead(num_classes=7, dtype=jnp.bfloat16)
-  x = jax.random.normal(jax.random.key(0), (3, 10))
-  variables = head.init(key(), x)
-  assert variables['params']['fc']['kernel'].shape == (10, 7)
-  assert variables['params']['fc']['kernel'].dtype == jnp.float32
-  logits = head.apply(variables, x)
-  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-  np.testing.assert_array_equal(logits, 0.0)  # zero init: uniform predictions at the start
