@@ -1,4 +1,4 @@
-"""Reading the augmentation config (`configs/augment.py` holds the defaults): CT windows."""
+"""Reading the augmentation config (its defaults: `aacp_jax/augment_defaults.py`): CT windows."""
 
 from aacp_jax.modalities import CT_WINDOWS, MODALITIES, check_modality  # noqa: F401
 
