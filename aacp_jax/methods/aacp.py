@@ -216,11 +216,7 @@ def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
   if config.data.image_size < 32:
     raise ValueError(f'config.data.image_size={config.data.image_size}: must be at least 32')
-  if config.model.depth not in resnet.DEPTHS:
-    raise ValueError(
-      f'config.model.depth={config.model.depth}: expected one of '
-      f'{", ".join(str(d) for d in sorted(resnet.DEPTHS))}'
-    )
+  resnet.check_depth(config.model.depth)
   if config.loss.temperature <= 0:
     raise ValueError(f'config.loss.temperature={config.loss.temperature}: must be positive')
   if not 0 <= config.loss.gamma < 1:

@@ -1,4 +1,5 @@
-"""Landmark detector training, evaluation and inference (the frozen reference of the spatial loss).
+"""Landmark detector training and evaluation (the frozen reference of the spatial loss; inference is
+`aacp_jax.eval.detector`).
 
 `python -m aacp_jax.main --config=configs/landmarks.py[:demo] --workdir=DIR` trains one small
 heatmap U-Net per modality on an annotated subset (phantom ground truth by default, or shards
@@ -16,15 +17,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from aacp_jax import augment
-from aacp_jax.data import landmarks as lm
+from aacp_jax import augment, experiments
 from aacp_jax.data import pipeline
 from aacp_jax.eval import detector as detector_eval
 from aacp_jax.eval.detector import canonical_atlas, detection_metrics, predict
 from aacp_jax.modalities import MODALITY_IDS
 from aacp_jax.models import detector as det
 from aacp_jax.models import inputs as model_inputs
-from aacp_jax.models import layers
 from aacp_jax.train import loop
 from aacp_jax.train import state as state_lib
 
@@ -32,7 +31,6 @@ from aacp_jax.train import state as state_lib
 def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
   state_lib.check_common(config)
-  layers.compute_dtype(config.model.dtype)
   factor = 2**config.model.levels
   if config.data.image_size % factor:
     raise ValueError(
@@ -170,7 +168,7 @@ def _spatial_only(aug_cfg):
 
 
 def make_task(config, data) -> loop.Task:
-  model = build_model(config)
+  model = experiments.get('landmarks').build_model(config)
   tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps)
 
   def loss(params, batch_stats, extra, batch, key, scheduled):
@@ -190,10 +188,6 @@ def make_task(config, data) -> loop.Task:
     loss_fn=loss,
     total_steps=config.total_steps,
   )
-
-
-def build_model(config):
-  return det.build_detector(config.model, config.modalities, len(lm.LANDMARKS))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

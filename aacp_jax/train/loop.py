@@ -57,7 +57,6 @@ class Trained:
   state: Any
   task: Task
   data: inputs.Data
-  mesh: Any
   stopped_at: int | None
 
 
@@ -184,4 +183,4 @@ def train(
   finally:
     ckpt.close()
     writer.close()
-  return Trained(state=state, task=task, data=data, mesh=mesh, stopped_at=stopped_at)
+  return Trained(state=state, task=task, data=data, stopped_at=stopped_at)

@@ -25,9 +25,6 @@ def make_task(config, data) -> loop.Task:
   model = method.build_model(config)
   tx, schedule = state_lib.make_optimizer(config.optim, total_steps)
   run = RunInfo(steps_per_epoch=data.steps_per_epoch, total_steps=total_steps)
-  init_extra = None
-  if method.init_extra is not None:
-    init_extra = lambda variables: method.init_extra(config, variables)
   return loop.Task(
     model=model,
     dummy_inputs=model_inputs.dummy_inputs(config.modalities, config.data.image_size),
@@ -36,7 +33,7 @@ def make_task(config, data) -> loop.Task:
     loss_fn=method.make_loss(config, model, run),
     total_steps=total_steps,
     schedules=method.make_schedules(config, run),
-    init_extra=init_extra,
+    init_extra=lambda variables: method.init_extra(config, variables),
     after_update=method.after_update,
   )
 
