@@ -1,4 +1,4 @@
-"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment} ...`.
+"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment,soak}`.
 
   step   for each of --variants (default full,minimal, applied on top of --config): compile
          seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
@@ -6,12 +6,23 @@
          data needed), the variants timed in turn (round robin); then one `step_ratio` row, the
          first variant over the last (the paper's Table 6 note: full / minimal = 1.68x per
          epoch, 1.28x at inference). Peak memory is the process's, so cumulative over variants.
-  input  host input pipeline records/s per modality over the configured shards (phantoms when
-         config.data.root is empty; they are built under --workdir first).
+  input  host input pipeline per modality: records/s, MiB/s, records per CPU second (= per core)
+         and the host-to-device bytes per step, beside the demand of the configured step (the
+         per-host batch x --step_rate, default the goal of 4,000 samples/s over the global batch)
+         and their ratio. Reads config.data.root; without one it builds shards of synthetic
+         records at real sizes (--input_sizes: CT 358x358x64 int16 slabs, 1024x1024 X-rays,
+         233x197 MRI slices) under --workdir with the codec and shard writer
+         (--input_compression, default uncompressed as the writer's; e.g. zstd:3).
   augment
          median seconds of the jitted two-view augmentation of the configured global batch, of the
          jitted encoder forward+backward on pre-augmented views (the step without augmentation),
          and augment_fraction = augment / (augment + forward_backward).
+
+  soak   N cycles (--soak_cycles, default 10) of "train, kill -9 at a random moment, resume"
+         with `python -m aacp_jax.main` and the --config arguments given here, against one
+         uninterrupted run: per kill the steps, checkpoints and seconds lost and whether the
+         resumed losses are bitwise the reference's; then a summary row (aacp_jax/soak.py).
+         Needs --config.total_steps; --workdir holds both runs (default: a temp dir).
 
 CT data preparation has its own command, `python -m data_prep.bench_prep` (flags --prep_*): the
 library never imports data_prep.
@@ -22,8 +33,10 @@ Speed targets live here, never in timed tests.
 import copy
 import functools
 import json
+import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import types
@@ -44,6 +57,27 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_integer('steps', 10, 'Timed iterations after warm-up.')
 flags.DEFINE_integer('warmup', 2, 'Untimed iterations after compilation.')
 flags.DEFINE_string('workdir', None, 'Where `input` builds phantoms (default: a temp dir).')
+flags.DEFINE_list(
+  'input_sizes',
+  ['ct:358x358', 'xray:1024x1024', 'mri:233x197'],
+  '`input` without config.data.root: record (h, w) per modality of the synthetic shards.',
+)
+flags.DEFINE_integer('input_records', 48, '`input`: synthetic records per modality.')
+flags.DEFINE_string(
+  'input_compression',
+  'uncompressed',
+  "`input`: ArrayRecord compression of the synthetic shards ('uncompressed', 'zstd:3', ...).",
+)
+flags.DEFINE_integer(
+  'input_virtual',
+  65536,
+  '`input` on synthetic shards: the split length the pipeline sees (records cycled).',
+)
+flags.DEFINE_float(
+  'step_rate', 0.0, '`input`: steps/s the demand is computed at (0: 4,000 samples/s / batch).'
+)
+flags.DEFINE_integer('soak_cycles', 10, '`soak`: kill -9 / resume cycles.')
+flags.DEFINE_integer('soak_seed', 0, '`soak`: seed of the kill moments.')
 flags.DEFINE_list(
   'variants',
   ['full', 'minimal'],
@@ -288,12 +322,99 @@ def bench_augment(config):
   )
 
 
+GOAL_SAMPLES_PER_S = 4000.0  # two-view samples/s on one H200 (the performance goal)
+
+
+def real_size_shards(root, sizes, count, seed=0, compression=None):
+  """Writes `count` synthetic records per modality at `sizes` ({m: (h, w)}) as split 'train'
+  (codec + shard writer, as data_prep writes them); the content is noise, the bytes are real.
+  `compression`: of the shards (shards.writer_options; default uncompressed)."""
+  from aacp_jax.data import landmarks as lm
+  from aacp_jax.data import shards
+
+  rng = np.random.default_rng(seed)
+
+  def records(m, h, w):
+    dtype, c = RAW_DTYPES[m], IN_CHANNELS[m]
+    base = rng.normal(0, 300 if m == 'ct' else 1, (h, w, c))
+    if m == 'xray':
+      base = base * 40 + 120
+    base = np.clip(base, *(-1024, 3071) if m == 'ct' else (0, 255)).astype(dtype)
+    for i in range(count):
+      pts, vis, can = lm.empty_landmarks()
+      pts[:4] = can[:4] = rng.uniform(0.2, 0.8, (4, 2))
+      vis[:4] = True
+      yield dict(
+        image=np.roll(base, i, axis=0),
+        modality=m,
+        region='brain' if m == 'mri' else 'chest',
+        source='bench',
+        subject=f'{m}{i:05d}',
+        spacing=np.ones(3, np.float32),
+        landmarks=pts,
+        landmark_visible=vis,
+        landmarks_canonical=can,
+        organs=lm.organ_multi_hot(['brain'] if m == 'mri' else ['lungs', 'heart']),
+      )
+
+  streams = {m: _Sized(records(m, *hw), count) for m, hw in sizes.items()}
+  shards.write_split(
+    root, 'train', streams, seed=seed, num_shards=max(1, count // 32), compression=compression
+  )
+  return root
+
+
+class Tiled:
+  """A source of `length` records cycling over `source`'s: the bench's few distinct records
+  read as a split of realistic size (Grain's shuffle cost falls with the split's length)."""
+
+  def __init__(self, source, length):
+    self.source, self.length = source, int(length)
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, index):
+    return self.source[int(index) % len(self.source)]
+
+
+def _tiled_source(length, root, split, modality, verify=True):
+  return Tiled(_open_source(root, split, modality, verify=verify), length)
+
+
+def _open_source(*args, **kwargs):
+  from aacp_jax.data import shards
+
+  return shards.open_source(*args, **kwargs)
+
+
+class _Sized:
+  def __init__(self, it, n):
+    self.it, self.n = it, n
+
+  def __len__(self):
+    return self.n
+
+  def __iter__(self):
+    return self.it
+
+
+def _parse_sizes(items):
+  sizes = {}
+  for item in items:
+    m, _, hw = item.partition(':')
+    try:
+      h, w = (int(v) for v in hw.split('x'))
+    except ValueError:
+      raise app.UsageError(f'--input_sizes: {item!r} is not modality:HxW') from None
+    sizes[m] = (h, w)
+  return sizes
+
+
 def bench_input(config):
-  from aacp_jax.data import pipeline
-  from aacp_jax.train.inputs import prepare_data
+  from aacp_jax.data import pipeline, shards
 
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='aacp_bench_')
-  root = prepare_data(config, workdir)
   batches = sharding.per_modality_batch(
     config.batch_size,
     config.data.shares,
@@ -301,33 +422,92 @@ def bench_input(config):
     jax.device_count(),
     jax.process_count(),
   )
+  if config.data.root:
+    root, split, source = config.data.root, config.data.split, config.data.root
+    opener, compression = shards.open_source, None  # whatever the shards were written with
+  else:
+    sizes = {m: hw for m, hw in _parse_sizes(FLAGS.input_sizes).items() if m in batches}
+    tag = '_'.join(f'{m}{h}x{w}' for m, (h, w) in sorted(sizes.items()))
+    compression = FLAGS.input_compression
+    shards.writer_options(compression)  # a bad flag fails before anything is written
+    # The compression is in the name: a cache written with other options is never read instead.
+    root = f'{workdir}/real_size_{tag}_{FLAGS.input_records}_{compression.replace(":", "")}'
+    try:
+      shards.read_manifest(root, 'train')
+    except shards.ShardError:
+      real_size_shards(root, sizes, FLAGS.input_records, compression=compression)
+    split, source = 'train', 'synthetic'
+    opener = functools.partial(_tiled_source, FLAGS.input_virtual)
+  step_rate = FLAGS.step_rate or GOAL_SAMPLES_PER_S / config.batch_size
   for m, b in batches.items():
+    records = len(opener(root, split, m, verify=False))
+    host_batch = min(b, records)  # the configured batch when the shards hold enough records
     it = pipeline.pretrain_loader(
       root,
-      config.data.split,
-      {m: b},
+      split,
+      {m: host_batch},
       seed=config.seed,
       image_size=config.data.image_size,
       worker_count=config.data.worker_count,
+      open_source=opener,
     )
-    next(it)  # Opening files and the first decode are start-up, not throughput.
-    t0 = time.perf_counter()
+    item = next(it)  # Opening files and the first decode are start-up, not throughput.
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(FLAGS.steps):
       item = next(it)
-    dt = time.perf_counter() - t0
-    _emit(
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = FLAGS.steps * host_batch
+    per_record = sum(a.nbytes for a in item[m].values()) / host_batch
+    image = item[m]['image']
+    supply = n / dt
+    demand = b * step_rate
+    row = dict(
       bench='input',
       modality=m,
+      source=source,
+      compression=compression,
+      record_hw=list(image.shape[1:3]),
+      channels=image.shape[3],
+      dtype=str(image.dtype),
       image_size=config.data.image_size,
-      host_batch=b,
-      records_per_s=round(FLAGS.steps * b / dt, 1),
-      mib_per_s=round(FLAGS.steps * item[m]['image'].nbytes / dt / 2**20, 1),
+      host_batch=host_batch,
+      records_per_s=round(supply, 1),
+      mib_per_s=round(n * image[0].nbytes / dt / 2**20, 1),
       worker_count=config.data.worker_count,
+      # Grain's read threads and this process together; workers' CPU is not in it.
+      records_per_cpu_s=round(n / cpu, 1) if cpu > 0 and not config.data.worker_count else None,
+      h2d_bytes_per_step=int(per_record * b),
+      step_rate=round(step_rate, 3),
+      demand_records_per_s=round(demand, 1),
+      supply_over_demand=round(supply / demand, 3),
+      demand_h2d_gib_per_s=round(per_record * b * step_rate / 2**30, 2),
+      load_average=round(os.getloadavg()[0], 2),
     )
+    _emit(**row)
+
+
+def bench_soak(config):
+  from aacp_jax import soak
+
+  # The children get this command's own --config arguments (file, variants, overrides).
+  config_argv = [a for a in sys.argv[1:] if a.startswith('--config')]
+  if not any(a.startswith('--config=') for a in config_argv):
+    config_argv.insert(0, '--config=configs/pretrain.py')
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='aacp_soak_')
+  soak.run(config, config_argv, workdir, FLAGS.soak_cycles, FLAGS.soak_seed, _emit_host)
+
+
+def _emit_host(**row):
+  print(json.dumps(row), flush=True)
 
 
 def main(argv):
-  commands = {'step': bench_step, 'input': bench_input, 'augment': bench_augment}
+  commands = {
+    'step': bench_step,
+    'input': bench_input,
+    'augment': bench_augment,
+    'soak': bench_soak,
+  }
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')
   commands[argv[1]](FLAGS.config)

@@ -3,6 +3,7 @@
 Flags, multi-process start-up, then one call into the experiment named by `config.experiment`.
 """
 
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -10,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aacp_jax import errors
+from aacp_jax import config_checks, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,8 +50,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # `_parse_flags` refused any positional argument
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   import jax
@@ -81,17 +81,55 @@ def _one_line(e: BaseException) -> str:
 
 
 def _parse_flags(argv):
-  """Flags parsed up front, so a bad config file, variant or override ends in one line."""
+  """Flags parsed up front, so a bad config file, variant, override or argument ends in one line."""
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
   except flags.Error as e:
     raise ValueError(_one_line(e)) from None
   except (AttributeError, KeyError, TypeError) as e:
-    # ml_collections reports an unknown override key as a bare attribute error.
-    bad = [a.split('=')[0].lstrip('-') for a in argv[1:] if a.startswith('--config.')]
+    # ml_collections reports an unknown override key as a bare error naming only its last part.
+    raise ValueError(_override_error(argv, e)) from None
+  if len(rest) > 1:
+    # absl would print the whole usage text for this; every option here is a --flag=value.
     raise ValueError(
-      f'{", ".join(bad) or "--config"}: {_one_line(e)} is not a config key or has the wrong type'
-    ) from None
+      f'unexpected argument(s) {" ".join(rest[1:])!r}; every option is a --flag=value (see --help)'
+    )
+  return rest
+
+
+def _overrides(argv) -> list[str]:
+  """The keys of the `--config.KEY=VALUE` arguments, in order."""
+  return [a.split('=')[0].split('.', 1)[1] for a in argv[1:] if a.startswith('--config.')]
+
+
+def _override_error(argv, error: BaseException) -> str:
+  """Names the override keys the config does not have (not every override given)."""
+  keys = _overrides(argv)
+  spec = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+  unknown = []
+  if spec:
+    try:
+      config = _load_config(spec[-1])
+      unknown = [k for k in keys if config_checks.get(config, k, _ABSENT) is _ABSENT]
+    except Exception:  # pylint: disable=broad-except
+      pass  # the config loaded once already; if it fails now, fall back to the general line
+  if unknown:
+    names = ', '.join(f'--config.{k}' for k in unknown)
+    return f'{names}: not a key of the config {spec[-1]}'
+  names = ', '.join(f'--config.{k}' for k in keys) or '--config'
+  return f'{names}: {_one_line(error)}: a key is unknown or a value has the wrong type'
+
+
+_ABSENT = object()
+
+
+def _load_config(spec: str):
+  """`get_config(arg)` of `path[:arg]`, as config_flags loads it (without the overrides)."""
+  path, *arg = spec.split(':', 1)
+  module_spec = importlib.util.spec_from_file_location('_aacp_config_check', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*arg)
 
 
 def run():
@@ -103,7 +141,8 @@ def run():
     # shows it).
     if os.environ.get('AACP_TRACEBACK'):
       raise
-    print(f'error: {_one_line(e)}', file=sys.stderr)
+    # One write, so the lines of several processes sharing a terminal do not interleave.
+    sys.stderr.write(f'error: {_one_line(e)}\n')
     sys.exit(2)
 
 

@@ -32,9 +32,9 @@ class Restored:
 
 
 def load_variables(workdir: str, *, step: int | None = None) -> Restored:
-  """The model and variables of `workdir`'s latest checkpoint (or of `step`).
+  """The model and variables of `workdir`'s newest checkpoint that verifies (or of `step`).
 
-  One-line ValueErrors when the workdir has no config.json or no checkpoint.
+  One-line ValueErrors when the workdir has no config.json or no usable checkpoint.
   """
   config = workdir_lib.read_config(workdir)
   experiment = experiments.get(config.experiment)
@@ -51,7 +51,8 @@ def load_variables(workdir: str, *, step: int | None = None) -> Restored:
   finally:
     ckpt.close()
   if variables is None:
-    raise ValueError(f'{workdir}: no checkpoint under {directory}')
+    # ckpt.note names every step that failed its checksum or restore, and why.
+    raise ValueError(ckpt.note or f'{workdir}: no checkpoint under {directory}')
   variables = jax.device_get(variables)
   return Restored(config=config, model=model, variables=variables, step=int(found))
 

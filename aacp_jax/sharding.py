@@ -62,3 +62,26 @@ def to_global(host_batch: Any, mesh: Mesh) -> Any:
   """Host-local numpy batch (this process's slice) -> global jax.Array sharded over 'data'."""
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
+
+
+_BARRIERS: dict[str, int] = {}
+# A barrier waits for the slowest process: building phantoms, or compiling a step on a host
+# under load, can take many minutes; a peer that never arrives still ends the run.
+BARRIER_TIMEOUT_S = 6 * 3600
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached `name` (nothing to do in a single-process run).
+
+  Through the coordination service (`jax.distributed`'s key-value store), not a collective:
+  `multihost_utils.sync_global_devices` runs a psum, whose first call sets up the CPU
+  collectives (gloo) with a fixed 30 s window for every process to join; a process that is
+  30 s behind (still compiling under load) failed the run with DEADLINE_EXCEEDED. Each use
+  of a name gets its own barrier id, as the service wants one id per barrier.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # no public API yet
+
+  n = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+  distributed.global_state.client.wait_at_barrier(f'aacp_{name}_{n}', BARRIER_TIMEOUT_S * 1000)

@@ -1,6 +1,11 @@
-"""`python -m data_prep.bench_prep`: throughput and peak RSS of converting one CT DICOM series.
+"""`python -m data_prep.bench_prep`: throughput and peak RSS of converting one CT series or MRI case.
 
   python -m data_prep.bench_prep [--prep_workers=N] [--prep_rows=512] [--prep_slices=400]
+  python -m data_prep.bench_prep --prep_source=brats [--prep_workers=N]
+
+``--prep_source=brats``: one BraTS-sized case (240 x 240 x 155 at 1 mm, T1/T1ce/T2/FLAIR and seg)
+made from nilearn's shipped MNI152 brain moved by 6 deg / 9 mm under a smooth bias field, converted
+with the real ``data_prep.brats`` command (N4, MNI registration, 1 mm output) in a child process.
 
 Synthesises a 512x512x400 CT series (real DICOM files, written slice by slice with pydicom) in a
 temporary directory, then converts it with the real `data_prep.dicom_ct` command in a child process,
@@ -22,6 +27,9 @@ _SLICES = flags.DEFINE_integer('prep_slices', 400, 'slices in the series.')
 _PIXEL_MM = flags.DEFINE_float('prep_pixel_mm', 0.7, 'in-plane pixel spacing (mm).')
 _SLICE_MM = flags.DEFINE_float('prep_slice_mm', 1.0, 'slice spacing (mm).')
 _PREP_WORKERS = flags.DEFINE_integer('prep_workers', 1, '--workers of the conversion.')
+_SOURCE = flags.DEFINE_enum(
+  'prep_source', 'dicom_ct', ['dicom_ct', 'brats'], 'What to convert (module docstring).'
+)
 
 CT_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.2'
 MR_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.4'
@@ -133,6 +141,43 @@ def _phantom_slices(rows: int, slices: int):
     yield hu + noise[k % 8]
 
 
+def write_brats_case(directory, name='BraTS20_Training_001'):
+  """One synthetic BraTS case in the release's layout and geometry; returns the case folder."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+
+  from data_prep import ops  # pylint: disable=g-import-not-at-top
+
+  template, _ = ops.mni_template(1)
+  centre = template.TransformContinuousIndexToPhysicalPoint(
+    [(s - 1) / 2 for s in template.GetSize()]
+  )
+  motion = sitk.Euler3DTransform()
+  motion.SetCenter(centre)
+  motion.SetRotation(*np.deg2rad((4.0, -3.0, 6.0)))
+  motion.SetTranslation((5.0, -7.0, 4.0))
+  grid = sitk.Image(240, 240, 155, sitk.sitkFloat32)
+  grid.SetOrigin((centre[0] - 119.5, centre[1] - 119.5, centre[2] - 77.0))
+  t1 = sitk.GetArrayFromImage(sitk.Resample(template, grid, motion, sitk.sitkLinear, 0.0)) * 1000
+  z, y, x = np.mgrid[:155, :240, :240].astype(np.float32)
+  bias = np.exp(0.3 * (x - 120) / 240 + 0.2 * (z - 77) / 155)
+  brain = t1 > 50
+  rng = np.random.default_rng(0)
+  seqs = {'t1': t1, 't1ce': t1, 't2': 1300 - t1, 'flair': 200 + 0.5 * t1}
+  out = {k: np.where(brain, v * bias + rng.normal(0, 3, v.shape), 0) for k, v in seqs.items()}
+  r2 = (z - 90) ** 2 + (y - 100) ** 2 + (x - 140) ** 2
+  out['seg'] = np.where(brain, np.where(r2 < 50, 1, np.where(r2 < 200, 2, 0)), 0)
+  # BraTS's own affine: RAS x = -i, y = 239 - j (LPS-like storage, 1 mm).
+  affine = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+  folder = os.path.join(directory, name)
+  os.makedirs(folder, exist_ok=True)
+  for seq, v in out.items():
+    data = v.astype(np.uint8 if seq == 'seg' else np.float32).transpose(2, 1, 0)
+    nib.save(nib.Nifti1Image(data, affine), os.path.join(folder, f'{name}_{seq}.nii.gz'))
+  return folder
+
+
 def _emit(**row):
   """Prints one JSON line with the backend fields `aacp_jax.bench` rows carry (comparable rows)."""
   import json  # pylint: disable=g-import-not-at-top
@@ -158,12 +203,16 @@ def run(emit=_emit):
   with tempfile.TemporaryDirectory(prefix='aacp_bench_prep_') as tmp:
     raw, out = os.path.join(tmp, 'raw'), os.path.join(tmp, 'out')
     t0 = time.perf_counter()
-    write_dicom_series(
-      os.path.join(raw, 'series'),
-      _phantom_slices(rows, slices),
-      spacing=(_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value),
-      header={'PatientID': 'BENCH'},
-    )
+    source = _SOURCE.value
+    if source == 'brats':
+      write_brats_case(raw)
+    else:
+      write_dicom_series(
+        os.path.join(raw, 'series'),
+        _phantom_slices(rows, slices),
+        spacing=(_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value),
+        header={'PatientID': 'BENCH'},
+      )
     synth_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # A child process, so the peak RSS is the conversion's alone (not the synthesis, not this
@@ -173,12 +222,13 @@ def run(emit=_emit):
         [
           sys.executable,
           '-m',
-          'data_prep.dicom_ct',
+          f'data_prep.{source}',
           f'--input={raw}',
           f'--output={out}',
           '--salt=bench-prep-salt-not-secret',
           f'--workers={_PREP_WORKERS.value}',
           '--progress=false',
+          *(['--val_fraction=0', '--test_fraction=0'] if source == 'brats' else []),
         ],
         cwd=root,
         stdout=log,
@@ -190,18 +240,22 @@ def run(emit=_emit):
       log.seek(0)
       if proc.returncode != 0:
         raise RuntimeError(
-          f'bench_prep: data_prep.dicom_ct exited {proc.returncode}: '
+          f'bench_prep: data_prep.{source} exited {proc.returncode}: '
           f'{" ".join(log.read().split()[-40:])}'
         )
     peak_kib = usage.ru_maxrss  # KiB on Linux
     with open(os.path.join(out, 'train', 'manifest.json'), encoding='utf-8') as f:
       records = sum(m['count'] for m in json.load(f)['modalities'].values())
   peak = int(peak_kib) * 1024
+  if source == 'brats':
+    shape, spacing = [240, 240, 155], [1.0, 1.0, 1.0]
+  else:
+    shape, spacing = [rows, rows, slices], [_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value]
   emit(
     bench='prep',
-    source='dicom_ct',
-    series_shape=[rows, rows, slices],
-    spacing_mm=[_PIXEL_MM.value, _PIXEL_MM.value, _SLICE_MM.value],
+    source=source,
+    series_shape=shape,
+    spacing_mm=spacing,
     workers=_PREP_WORKERS.value,
     synth_s=round(synth_s, 2),
     seconds=round(seconds, 2),
@@ -209,6 +263,7 @@ def run(emit=_emit):
     records=records,
     peak_rss_bytes=peak,
     peak_rss_under_2gb=peak < 2 * 1024**3,
+    load_average=round(os.getloadavg()[0], 2),
   )
 
 

@@ -4,8 +4,8 @@ r"""BraTS 2020 (per case: t1, t1ce, t2, flair, seg NIfTI) -> axial MRI slice rec
       [--workers=N] [--mni=true] [--mni_resolution=1] [--n4=true] [--require_seg=true]
       [--min_brain_fraction=0.25]
 
-About 70 s per case per worker with the defaults (N4 and the MNI registration dominate; measured on
-a loaded 2-core machine on the 1 mm template).
+About 16 s per case per worker with the defaults on 2 lightly loaded cores (N4 and the MNI
+registration dominate; `python -m data_prep.bench_prep --prep_source=brats`, docs/PERFORMANCE.md).
 
 Layout: ``BraTS20_Training_NNN/BraTS20_Training_NNN_{t1,t1ce,t2,flair,seg}.nii[.gz]`` (any depth).
 BraTS ships every case skull-stripped, co-registered and resampled to 1 mm in the SRI24 atlas space.
@@ -48,11 +48,14 @@ LABEL_NAMES = ('no_tumour', 'tumour')
 SEQUENCES = ('t1', 't2', 'flair')
 _FILE = re.compile(r'^(.+)_(t1|t1ce|t2|flair|seg)\.nii(\.gz)?$', re.IGNORECASE)
 SEG_VALUES = (0, 1, 2, 4)
-# Affine registration on the 8x and 4x shrunk pyramid levels with 5 % of the voxels: on the 1 mm
-# template moved by a known rigid transform it recovers it to 0.1 mm (max 0.17 mm) in 34 s on a
-# loaded 2-core machine; the full-resolution level (ops default) costs several times that for an
-# affine fit of a brain that is already in an atlas space.
+# Affine registration on the 8x and 4x shrunk pyramid levels (ops.register bins both images to 2 mm
+# once) with 5 % of the voxels: a BraTS-sized case moved by a known rigid motion comes back to 0.39 mm
+# mean (0.58 mm max) over the brain in ~1.3 s; the full-resolution level (ops default) costs many
+# times that for an affine fit of a brain that is already in an atlas space.
 _REG_SHRINK, _REG_SAMPLING = (8, 4), 0.05
+# N4 fitted on ~6 mm voxels (shrink 6 at 1 mm): the field's finest B-spline span is ~60 mm, so this
+# loses nothing measurable (0.4 % rms against a 4 mm fit) at a third of the cost.
+_N4_FIT_MM = 6.0
 # A stripped brain registered to the template brain overlaps it with Dice ~0.95 (0.957 on real
 # BraTS); under 0.8 the fit failed. Skull-strip guard (check_stripped): BraTS's brains fill ~16 %
 # of the 240x240x155 grid, a tight brain box ~52 %; a 2 L brain is ~1.1x nilearn's 1.9 L MNI brain
@@ -157,7 +160,7 @@ def to_standard_space(volumes: dict, seg, extra: dict, where: str):
     brain_mm3 = float((sitk.GetArrayViewFromImage(brain) > 0).sum()) * voxel_mm3
   check_stripped(volumes['t1'], where, brain_mm3)
   if extra.get('n4', True):
-    volumes = {k: ops.n4(v) for k, v in volumes.items()}
+    volumes = {k: ops.n4(v, fit_mm=_N4_FIT_MM) for k, v in volumes.items()}
   else:
     volumes = {k: sitk.Cast(v, sitk.sitkFloat32) for k, v in volumes.items()}
   if extra.get('mni', True):

@@ -25,8 +25,8 @@ from typing import Any
 
 from absl import flags, logging
 
-from aacp_jax import version
 from aacp_jax.data import shards
+from data_prep import code_version as code_version_lib
 from data_prep import privacy, runner_shard
 
 # Defined on the worker side (which rebuilds them from a task); every converter names them here.
@@ -244,7 +244,7 @@ def _execute(tasks, common, workers, bar):
   ctx = multiprocessing.get_context('spawn')
   while pending:
     broken = []
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with _pool(workers, ctx) as pool:
       futures = {pool.submit(runner_shard.run_task, t, common): t for t in pending}
       for future in concurrent.futures.as_completed(futures):
         try:
@@ -259,12 +259,19 @@ def _execute(tasks, common, workers, bar):
   return results
 
 
+def _pool(workers, ctx):
+  # Workers die with this process: a parent killed by SIGKILL must not leave them writing shards.
+  return concurrent.futures.ProcessPoolExecutor(
+    workers, mp_context=ctx, initializer=runner_shard.worker_init, initargs=(os.getpid(),)
+  )
+
+
 def _run_alone(task, common, ctx):
   crashed = task.setdefault('crashed', [])
   while True:
     runner_shard.clear_current(common['output'], task)
     try:
-      with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+      with _pool(1, ctx) as pool:
         return pool.submit(runner_shard.run_task, task, common).result()
     except concurrent.futures.process.BrokenProcessPool:
       key = runner_shard.current_item(common['output'], task)
@@ -291,14 +298,18 @@ def run(
   check_options(options)
   o = options
   os.makedirs(o.output, exist_ok=True)
+  # A run killed mid-write left *.tmp-PID files; they would never be renamed or read.
+  runner_shard.remove_temporary(o.output)
   reject_rows = [tuple(r) for r in rejects]
   items = list(items)
   tasks = _plan(dataset, items, o, split_of, reject_rows)
   fingerprint = privacy.salt_fingerprint(o.salt)
-  code_version = version.code_version()
+  convert_ref = _convert_ref(convert)
+  # Only the code this dataset's bytes depend on: editing another converter re-converts nothing here.
+  code_version = code_version_lib.code_version(convert_ref.split(':')[0])
   common = {
     'dataset': dataset,
-    'convert': _convert_ref(convert),
+    'convert': convert_ref,
     'output': o.output,
     'code_version': code_version,
     'salt_fingerprint': fingerprint,
@@ -326,6 +337,12 @@ def run(
   for split, done in sorted(by_split.items()):
     modalities, stats = runner_shard.merge(done)
     counts[split] = sum(m['count'] for m in modalities.values())
+    if not modalities:
+      # Every item of the split was rejected: no shards, so no manifest (an old one would lie).
+      manifest = os.path.join(o.output, split, shards.MANIFEST)
+      if os.path.exists(manifest):
+        os.remove(manifest)
+      continue
     shards.write_manifest(
       o.output,
       split,

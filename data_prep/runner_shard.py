@@ -14,6 +14,10 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -87,6 +91,58 @@ def clear_current(output: str, task: dict) -> None:
     pass
 
 
+# What our writers name a file until it is complete: shards, sidecars, manifests, rejects.jsonl.
+_TEMPORARY = re.compile(r'\.tmp-\d+$')
+
+
+def remove_temporary(output: str) -> list[str]:
+  """Deletes the half-written ``*.tmp-PID`` files a killed run left under ``output``; returns them.
+
+  One run per ``--output`` at a time (as the README asks), so no live writer owns such a file.
+  """
+  removed = []
+  folders = [output] + [os.path.join(output, d) for d in ('train', 'val', 'test')]
+  folders += [os.path.join(output, '.progress', d) for d in ('train', 'val', 'test')]
+  for folder in folders:
+    try:
+      names = os.listdir(folder)
+    except OSError:
+      continue
+    for name in names:
+      path = os.path.join(folder, name)
+      if _TEMPORARY.search(name) and os.path.isfile(path):
+        os.remove(path)
+        removed.append(path)
+  return removed
+
+
+def _die_with(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(0.5)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def worker_init(parent: int) -> None:
+  """Makes a worker process die with the parent that started it (``ProcessPoolExecutor`` initializer).
+
+  A worker outlives a parent killed by SIGKILL: it would finish its task and write a shard nobody
+  waits for, and one blocked in a reader would stay forever. On Linux the kernel kills it at once
+  (``PR_SET_PDEATHSIG``); everywhere a daemon thread notices the new parent (reparenting) within 0.5 s.
+  """
+  if sys.platform.startswith('linux'):
+    try:
+      import ctypes  # pylint: disable=g-import-not-at-top
+      import signal  # pylint: disable=g-import-not-at-top
+
+      pr_set_pdeathsig = 1
+      ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+      pass  # the thread below still covers it
+  if os.getppid() != parent:  # the parent died before the signal was armed
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=_die_with, args=(parent,), daemon=True).start()
+
+
 def _fingerprint(task, common) -> str:
   opts = {
     k: v
@@ -115,7 +171,11 @@ def _finished(shard_path, sidecar, fingerprint):
       summary = json.load(f)
   except (OSError, ValueError):
     return None
-  entry = summary.get('file', {})
+  entry = summary.get('file')
+  if entry is None:  # every item was rejected: no shard file, by design
+    if summary.get('fingerprint') != fingerprint or os.path.exists(shard_path):
+      return None
+    return summary
   if (
     summary.get('fingerprint') != fingerprint
     or not os.path.exists(shard_path)
@@ -280,6 +340,11 @@ def run_task(task: dict, common: dict, bar=None) -> dict:
         bar.update(1)
 
   entry = shards.write_shard(shard_path, payloads())
+  if not entry['count']:
+    # A shard whose items were all rejected holds nothing: readers would open an empty file, and a
+    # split with no records at all would get a manifest of empty shards.
+    os.remove(shard_path)
+    entry = None
   summary = {'fingerprint': fingerprint, 'file': entry, 'rejects': rejects, **stats.as_dict()}
   tmp = f'{sidecar}.tmp-{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
@@ -293,6 +358,8 @@ def merge(done: list[tuple[dict, dict]]) -> tuple[dict, dict]:
   """Per-modality manifest entries and split-wide statistics from the shard summaries."""
   modalities, stats = {}, {}
   for task, s in done:
+    if s['file'] is None:
+      continue
     m = modalities.setdefault(
       task['modality'], {'count': 0, 'files': [], 'shapes': {}, 'dtypes': {}, 'label_counts': {}}
     )

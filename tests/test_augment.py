@@ -317,3 +317,98 @@ def test_batched_noise_equals_the_per_sample_path():
     hole = one[..., 0] == cfg.cutout.fill
     assert hole.any()  # cutout fired and its fill is exact despite the noise
   assert any(fired) and not all(fired)  # both branches exercised by this key
+
+
+# Records of any size: the resize to the training size is part of the one resample.
+
+
+def _padded(images, hw):
+  out = np.zeros((len(images), *hw, images[0].shape[-1]), images[0].dtype)
+  for i, x in enumerate(images):
+    out[i, : x.shape[0], : x.shape[1]] = x
+  return out, np.array([x.shape[:2] for x in images], np.int32)
+
+
+def test_padded_record_resizes_like_the_record_alone():
+  """Float64: a record inside a padded array, with its extent, gives the same view and landmarks
+  as the record alone, for every spatial op (elastic included) and a resize to another size."""
+  rng = np.random.default_rng(7)
+  cfg = _spatial_only(1.0, **{'crop.margin': 0.0})
+  with jax.enable_x64(True):
+    for hw, out in (((11, 7), 9),):
+      record = rng.normal(size=(*hw, 2))
+      lm = rng.uniform(0.2, 0.8, (K, 2))
+      vis = np.ones(K, bool)
+      padded, extent = _padded([record], (17, 19))
+      for seed in range(3):
+        p = augment.sample_params(jax.random.PRNGKey(seed), lm, vis, 'mri', cfg)
+        alone = augment.apply_params(p, record, lm, vis, 'mri', cfg, out_size=out)
+        pad = augment.apply_params(
+          p, padded[0], lm, vis, 'mri', cfg, extent=extent[0], out_size=out
+        )
+        assert alone[0].dtype == jnp.float64 and alone[0].shape == (out, out, 2)
+        for a, b in zip(alone, pad):
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+
+
+def test_batch_of_mixed_sizes_equals_each_record_alone():
+  rng = np.random.default_rng(8)
+  records = [rng.uniform(0, 255, (h, w, 1)).astype(np.float32) for h, w in ((12, 9), (5, 14))]
+  padded, extent = _padded(records, (12, 14))
+  lm = rng.uniform(0.2, 0.8, (2, K, 2)).astype(np.float32)
+  vis = np.ones((2, K), bool)
+  cfg = _spatial_only(0.0)
+  key = jax.random.PRNGKey(3)
+  batch = augment.augment_batch(key, padded, lm, vis, 'xray', cfg, extent=extent, out_size=8)
+  b, k = 1, jax.random.split(key, 2)[1]  # the record padded along both axes (one compile)
+  one = augment.augment_one(k, records[b], lm[b], vis[b], 'xray', cfg, out_size=8)
+  for x, y in zip(one, batch):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y[b]), atol=1e-5)
+
+
+def test_records_at_the_training_size_are_an_exact_identity_of_the_old_path():
+  """What phantoms (stored at the training size) see: extent = array = output size gives the
+  same bits as the call without extent, i.e. as before records of other sizes existed."""
+  rng = np.random.default_rng(9)
+  images = rng.normal(0, 300, (3, 16, 16, 4)).astype(np.float32)
+  lm = rng.uniform(0.2, 0.8, (3, K, 2)).astype(np.float32)
+  vis = rng.uniform(size=(3, K)) < 0.8
+  key = jax.random.PRNGKey(5)
+  old = augment.augment_batch(key, images, lm, vis, 'ct', return_transform=True)
+  new = augment.augment_batch(
+    key, images, lm, vis, 'ct', return_transform=True, extent=np.full((3, 2), 16), out_size=16
+  )
+  for a, b in zip(old, new):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_device_resize_is_pixel_centre_bilinear():
+  """Float64, against scipy's grid-mode zoom (pixel edges to pixel edges, constant outside): down
+  and up, each record inside a padded batch."""
+  from scipy import ndimage
+
+  rng = np.random.default_rng(10)
+  records = [rng.normal(size=(13, 10, 2)), rng.normal(size=(4, 7, 2))]
+  padded, extent = _padded(records, (13, 10))
+  with jax.enable_x64(True):
+    for size in (6, 20):
+      out = np.asarray(augment.resize(padded, extent, size, fill=-3.0))
+      for b, x in enumerate(records):
+        zoom = (size / x.shape[0], size / x.shape[1], 1)
+        ref = ndimage.zoom(x, zoom, order=1, mode='grid-constant', cval=-3.0, grid_mode=True)
+        np.testing.assert_allclose(out[b], ref, atol=1e-12)
+
+
+def test_masks_resize_label_exact():
+  rng = np.random.default_rng(11)
+  masks = [rng.choice([0, 3, 7], (9, 6, 1)).astype(np.uint8), np.full((3, 5, 1), 7, np.uint8)]
+  padded, extent = _padded(masks, (9, 6))
+  for size in (4, 18):
+    out = np.asarray(augment.resize(padded, extent, size, order=0))
+    assert out.dtype == np.uint8 and out.shape == (2, size, size, 1)
+    for b, m in enumerate(masks):
+      # Output pixel i takes the record pixel whose cell holds its centre, floor((i + .5) h / S).
+      iy = np.floor((np.arange(size) + 0.5) * m.shape[0] / size).astype(int)
+      ix = np.floor((np.arange(size) + 0.5) * m.shape[1] / size).astype(int)
+      np.testing.assert_array_equal(out[b], m[iy][:, ix])
+  assert set(np.unique(out)) <= {0, 3, 7}

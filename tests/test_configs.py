@@ -109,7 +109,7 @@ def test_unknown_variant_names_the_culprit():
     ('model.fpn', False, r'config.model.fpn=True'),
     ('model.fpn_channels', (8, 8, 8), r'config.model.fpn_channels'),
     ('loss.triplet_mining', 'easy', r"config.loss.triplet_mining='easy'"),
-    ('loss.triplet_margin', -1.0, r'config.loss.triplet_weight / triplet_margin'),
+    ('loss.triplet_margin', -1.0, r'config.loss.triplet_margin=-1.0'),
     ('loss.cross_delta', 0.0, r'config.loss.cross_delta'),
     ('loss.cross_start_epoch', 120.0, r'config.loss.cross_start_epoch=120.0'),
     ('loss.cross_landmarks', ('carina',), r'config.loss.cross_landmarks: unknown landmark'),

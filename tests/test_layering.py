@@ -1,10 +1,10 @@
 """Imports point one way: every import statement of the project (module level or inside a
 function) is read from the source, and the package edges below are the only ones allowed.
 
-Layers, bottom up: the leaf facts (version, modalities, errors, workdir, precision); data,
-augment, models, losses and the small utilities; methods; restore and experiments; eval;
-train; the commands (main, bench, inspect). data_prep sits beside the library and uses it;
-configs use only the JAX-free leaf modules.
+Layers, bottom up: the leaf facts (version, modalities, errors, workdir, precision, config
+checks); data, augment, models, losses and the small utilities; methods; restore and
+experiments; eval; train; the commands (main, bench, inspect). data_prep sits beside the
+library and uses it; configs use only the JAX-free leaf modules.
 """
 
 import ast
@@ -25,6 +25,7 @@ LEAF = (
   'aacp_jax.workdir',
   'aacp_jax.precision',
   'aacp_jax.augment_defaults',
+  'aacp_jax.config_checks',
 )
 BASE = LEAF + ('aacp_jax.sharding', 'aacp_jax.metrics', 'aacp_jax.checkpoint', 'aacp_jax.losses')
 # group -> the groups its modules may import (a module may always import its own group).
@@ -85,7 +86,7 @@ def group(module: str) -> str:
     return 'base'
   if module in ('aacp_jax.restore', 'aacp_jax.experiments'):
     return 'registry'
-  if module in ('aacp_jax.main', 'aacp_jax.bench', 'aacp_jax.inspect'):
+  if module in ('aacp_jax.main', 'aacp_jax.bench', 'aacp_jax.inspect', 'aacp_jax.soak'):
     return 'commands'
   top = module.split('.')[:2]
   if top[0] in ('configs', 'data_prep'):

@@ -9,6 +9,7 @@ import pytest
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import phantoms as ph
 from aacp_jax.data import pipeline as pl
+from aacp_jax.data import shards
 
 S = 24
 COUNTS = {'train': {'ct': 12, 'xray': 16, 'mri': 16}, 'test': {'mri': 6}}
@@ -46,7 +47,7 @@ def test_batch_shapes_and_dtypes(root):
   dtypes = {'ct': np.int16, 'xray': np.uint8, 'mri': np.float16}
   k, o = len(lm.LANDMARKS), len(lm.ORGANS)
   for m, b in BATCH.items():
-    assert set(batch[m]) == set(pl.TRAIN_KEYS)
+    assert set(batch[m]) == set(pl.TRAIN_KEYS)  # one record size: no 'extent' needed
     assert batch[m]['image'].shape == (b, S, S, channels[m])
     assert batch[m]['image'].dtype == dtypes[m]
     assert batch[m]['landmarks'].shape == (b, k, 2) and batch[m]['landmarks'].dtype == np.float32
@@ -57,13 +58,83 @@ def test_batch_shapes_and_dtypes(root):
     assert batch[m]['organs'].shape == (b, o) and batch[m]['organs'].dtype == np.uint8
 
 
-def test_resize_on_host(root):
-  big = next(pl.pretrain_loader(root, 'train', {'xray': 2}, seed=0, image_size=40))['xray']
-  small = next(pl.pretrain_loader(root, 'train', {'xray': 2}, seed=0, image_size=S))['xray']
-  assert big['image'].shape == (2, 40, 40, 1) and big['image'].dtype == np.uint8
-  np.testing.assert_array_equal(big['landmarks'], small['landmarks'])
-  # Edge-aligned resampling keeps the mean brightness and the layout.
-  assert abs(big['image'].mean() - small['image'].mean()) < 3
+def _xray(rng, h, w, subject):
+  pts, vis, can = lm.empty_landmarks()
+  pts[:2], vis[:2], can[:2] = rng.uniform(0, 1, (2, 2)), True, rng.uniform(0, 1, (2, 2))
+  return dict(
+    image=rng.integers(1, 255, (h, w, 1), endpoint=True).astype(np.uint8),
+    modality='xray',
+    region='chest',
+    source='unit',
+    subject=subject,
+    spacing=np.ones(3, np.float32),
+    landmarks=pts,
+    landmark_visible=vis,
+    landmarks_canonical=can,
+    organs=lm.organ_multi_hot(['lungs']),
+    mask=rng.choice([0, 2, 5], (h, w)).astype(np.uint8),
+    label=np.array(1, np.int32),
+  )
+
+
+SIZES = ((10, 12), (16, 8), (6, 6))
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory):
+  """X-rays of three sizes (as real shards hold), so batches must pad."""
+  root = str(tmp_path_factory.mktemp('mixed'))
+  rng = np.random.default_rng(0)
+  records = [_xray(rng, h, w, f's{i}') for i, (h, w) in enumerate(SIZES)]
+  shards.write_split(root, 'train', {'xray': records}, seed=0)
+  return root, records
+
+
+def test_mixed_sizes_pad_on_the_host_without_resampling(mixed):
+  root, records = mixed
+  assert shards.read_manifest(root, 'train')['modalities']['xray']['max_hw'] == [16, 12]
+  assert pl.pad_hw(root, 'train', 'xray') == (16, 12)
+  it = pl.pretrain_loader(root, 'train', {'xray': 3}, seed=0, image_size=S, num_epochs=1)
+  batch = next(it)['xray']
+  assert set(batch) == set(pl.BATCH_KEYS)
+  assert batch['image'].shape == (3, 16, 12, 1) and batch['image'].dtype == np.uint8
+  by_subject = {r['image'].tobytes(): r for r in records}
+  for image, (h, w) in zip(batch['image'], batch['extent']):
+    r = by_subject[np.ascontiguousarray(image[:h, :w]).tobytes()]  # stored bytes, unchanged
+    assert (h, w) == r['image'].shape[:2]
+    assert not image[h:].any() and not image[:, w:].any()  # zero padding
+
+
+def test_pad_size_errors_name_the_record(mixed):
+  root, _ = mixed
+  it = pl.pretrain_loader(
+    root, 'train', {'xray': 3}, seed=0, image_size=S, pad_to={'xray': (12, 12)}
+  )
+  with pytest.raises(ValueError) as e:
+    next(it)
+  msg = str(e.value)
+  assert 'subject s1' in msg and '16x8' in msg and '12x12' in msg and '\n' not in msg
+
+
+def test_eval_split_is_the_device_resample_of_each_record(mixed):
+  """Evaluation images: the augmentation's resample of each record (pixel-centre bilinear,
+  scipy's grid-mode zoom as reference), rounded to the stored dtype; masks label-exact
+  (nearest: the record pixel whose cell holds the output pixel's centre)."""
+  from scipy import ndimage
+
+  from aacp_jax.eval import embed
+
+  root, records = mixed
+  arrays = embed.load_split(root, 'train', 'xray', 8)
+  assert arrays['image'].shape == (3, 8, 8, 1) and arrays['image'].dtype == np.uint8
+  assert arrays['mask'].shape == (3, 8, 8) and set(np.unique(arrays['mask'])) <= {0, 2, 5}
+  for i, r in enumerate(records):
+    (h, w), x = r['image'].shape[:2], r['image'].astype(np.float64)
+    ref = ndimage.zoom(x, (8 / h, 8 / w, 1), order=1, mode='grid-constant', grid_mode=True)
+    assert np.abs(arrays['image'][i].astype(float) - ref).max() <= 0.5 + 1e-3
+    iy = np.floor((np.arange(8) + 0.5) * h / 8).astype(int)
+    ix = np.floor((np.arange(8) + 0.5) * w / 8).astype(int)
+    np.testing.assert_array_equal(arrays['mask'][i], r['mask'][iy][:, ix])
 
 
 def test_resize_image_keeps_dtype_and_range():
@@ -149,3 +220,44 @@ def test_load_split_arrays(root):
   resized = pl.load_split_arrays(root, 'test', 'mri', 32)
   assert resized['image'].shape == (6, 32, 32, 3) and resized['mask'].shape == (6, 32, 32)
   assert set(np.unique(resized['mask'])) <= {0, 1}
+
+
+def _prefetch(root, **kw):
+  from aacp_jax.train import inputs  # pylint: disable=g-import-not-at-top
+
+  return inputs.Prefetch(pl.pretrain_loader(root, 'train', BATCH, seed=0, image_size=S, **kw), dict)
+
+
+def test_prefetch_saves_the_consumed_position(root):
+  """The thread runs ahead, but the state is that of the batches handed out: a resume from it
+  replays exactly the batches that follow, not those after the prefetched one."""
+  it = _prefetch(root)
+  take(it, 3)
+  state = it.get_state()
+  assert isinstance(state, bytes)
+  expected = take(it, 2)
+  plain = pl.pretrain_loader(root, 'train', BATCH, seed=0, image_size=S)
+  take(plain, 3)
+  assert_batches_equal(expected, take(plain, 2))  # the same batches as without prefetching
+  fresh = _prefetch(root)
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 2), expected)
+  take(it, 1)
+  it.set_state(state)  # also on a running prefetcher: its queued batch is dropped
+  assert_batches_equal(take(it, 2), expected)
+  it.close()
+
+
+def test_prefetch_orbax_round_trip_and_end(root, tmp_path):
+  import orbax.checkpoint as ocp  # a required dependency
+
+  it = _prefetch(root)
+  take(it, 2)
+  ckpt = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+  ckpt.save(tmp_path / 'iter', args=grain.checkpoint.CheckpointSave(it))
+  expected = take(it, 2)
+  fresh = _prefetch(root)
+  restored = ckpt.restore(tmp_path / 'iter', args=grain.checkpoint.CheckpointRestore(fresh))
+  assert_batches_equal(take(restored, 2), expected)
+  one_epoch = list(_prefetch(root, num_epochs=1))  # StopIteration reaches the consumer
+  assert len(one_epoch) == 4 and it.wait_s >= 0 and it.batches == 4

@@ -4,6 +4,12 @@ import ast
 import json
 import multiprocessing
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ from aacp_jax.data import shards
 from data_prep import privacy, runner
 
 SALT = b'test-salt-0123456789'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS = []  # keys converted in this process (workers=0): what a resumed run must not redo
 
 
@@ -271,3 +278,159 @@ def test_imports_point_one_way():
       if name.endswith('.py'):
         path = os.path.join(folder, name)
         assert not any(m.split('.')[0] == 'data_prep' for m in _imports(path)), path
+
+
+def gated_convert(item, subject, options):
+  """``convert``, except that items marked ``gated`` wait until the file named by $AACP_TEST_GATE
+  exists: a run can be caught mid-shard whatever the machine's speed."""
+  if item.payload.get('gated'):
+    while not os.path.exists(os.environ['AACP_TEST_GATE']):
+      time.sleep(0.05)
+  return list(convert(item, subject, options))
+
+
+def _gated_items():
+  return [
+    runner.Item(it.key, it.subject, it.modality, {**it.payload, 'gated': int(it.key[4:7]) >= 5})
+    for it in _items(15, reject=12)
+  ]
+
+
+def drive_gated(out):
+  """The child of the kill test: a two-worker run whose second and third shards wait at the gate."""
+  return runner.run(
+    'toy', _gated_items(), gated_convert, _options(out, workers=2, val_fraction=0, test_fraction=0)
+  )
+
+
+def _tagged(tag):
+  """Pids of live processes whose environment holds ``tag`` (the child and anything it started)."""
+  found = []
+  for pid in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        if tag.encode() in f.read():
+          found.append(int(pid))
+    except (OSError, ValueError):
+      continue
+  return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_kill_9_mid_run_leaves_no_process_no_temporary_file_and_resumes_identically(
+  tmp_path, monkeypatch
+):
+  out, reference, gate = tmp_path / 'out', tmp_path / 'reference', tmp_path / 'gate'
+  tag = f'aacp-kill-test-{uuid.uuid4().hex}'
+  env = {**os.environ, 'AACP_TEST_GATE': str(gate), 'AACP_KILL_TEST': tag}
+  child = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      f'from tests.test_prep_runner import drive_gated; drive_gated({str(out)!r})',
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
+  try:
+    # The first shard has no gated item: once its file is there, both workers wait at the gate.
+    deadline = time.monotonic() + 1800
+    while not (out / 'train' / 'xray-00000-of-00003.array_record').exists():
+      assert child.poll() is None, child.stderr.read().decode()[-3000:]
+      assert time.monotonic() < deadline, 'the first shard never appeared'
+      time.sleep(0.05)
+    assert len(_tagged(tag)) >= 3  # the parent and its two workers
+    child.kill()  # SIGKILL: no handler, no cleanup in the parent
+    child.wait(timeout=1800)
+    deadline = time.monotonic() + 60
+    while _tagged(tag) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert _tagged(tag) == [], 'a worker outlived its killed parent'
+  finally:
+    for pid in _tagged(tag):
+      os.kill(pid, signal.SIGKILL)
+  left = [n for n in os.listdir(out / 'train') if '.tmp-' in n]
+  assert left, 'the killed workers were writing shards 2 and 3'
+  gate.write_text('open')
+  monkeypatch.setenv('AACP_TEST_GATE', str(gate))
+  items = _gated_items()
+  assert (
+    runner.run(
+      'toy', items, gated_convert, _options(out, workers=2, val_fraction=0, test_fraction=0)
+    )
+    == 1
+  )
+  assert (
+    runner.run('toy', items, gated_convert, _options(reference, val_fraction=0, test_fraction=0))
+    == 1
+  )
+  resumed, whole = _tree(out), _tree(reference)
+  assert not [p for p in resumed if '.tmp-' in p]
+  strip = lambda m: {k: v for k, v in json.loads(m).items() if k != 'created'}
+  assert sorted(resumed) == sorted(whole)
+  for path in whole:
+    if path.endswith('manifest.json'):
+      assert strip(resumed[path]) == strip(whole[path]), path
+    else:
+      assert resumed[path] == whole[path], path
+
+
+def test_a_shard_or_split_without_records_writes_no_file(tmp_path):
+  items = [
+    runner.Item(it.key, it.subject, it.modality, {**it.payload, 'reject': 'corrupt'})
+    if int(it.key[4:7]) >= 5
+    else it
+    for it in _items(12)
+  ]
+  split_of = lambda it: 'test' if int(it.key[4:7]) >= 10 else 'train'
+  assert runner.run('toy', items, convert, _options(tmp_path), split_of=split_of) == 1
+  # train: shard 0 holds items 0-4, shard 1 (5-9) only rejects; test (10, 11) only rejects.
+  files = shards.read_manifest(str(tmp_path), 'train')['modalities']['xray']['files']
+  assert [f['name'] for f in files] == ['xray-00000-of-00002.array_record']
+  assert sorted(os.listdir(tmp_path / 'train')) == ['manifest.json', files[0]['name']]
+  assert not os.path.exists(tmp_path / 'test' / 'manifest.json')
+  assert not [n for n in os.listdir(tmp_path / 'test') if n.endswith('.array_record')]
+  first = _tree(tmp_path)
+  CALLS.clear()
+  assert runner.run('toy', items, convert, _options(tmp_path), split_of=split_of) == 1
+  assert CALLS == [] and _tree(tmp_path) == first  # the empty shards count as finished
+  assert len(_rejects(tmp_path)) == 7
+
+
+def test_code_version_covers_only_what_decides_a_datasets_bytes(tmp_path):
+  from data_prep import code_version as cv  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for top in ('aacp_jax', 'data_prep'):
+    shutil.copytree(
+      os.path.join(root, top), tmp_path / top, ignore=shutil.ignore_patterns('__pycache__')
+    )
+  modules = cv.modules_for('data_prep.brats', str(tmp_path))
+  for needed in (
+    'data_prep.runner',
+    'data_prep.runner_shard',
+    'data_prep.ops.mri',
+    'data_prep.volume_common',
+    'aacp_jax.data.records',
+    'aacp_jax.data.shards',
+  ):
+    assert needed in modules, needed
+  assert 'data_prep.chexpert' not in modules and 'aacp_jax.data.pipeline' not in modules
+  before = {m: cv.digest(m, str(tmp_path)) for m in ('data_prep.brats', 'data_prep.chexpert')}
+  assert before['data_prep.brats'] == cv.code_version('data_prep.brats')  # the copy is the tree
+
+  def edit(rel):
+    with open(tmp_path / rel, 'a', encoding='utf-8') as f:
+      f.write('\n# an edit\n')
+    return {m: cv.digest(m, str(tmp_path)) for m in before}
+
+  after = edit('data_prep/chexpert.py')  # another converter: BraTS keeps its fingerprint
+  assert after['data_prep.brats'] == before['data_prep.brats']
+  assert after['data_prep.chexpert'] != before['data_prep.chexpert']
+  again = edit('data_prep/brats.py')  # its own module: a new fingerprint
+  assert again['data_prep.brats'] != after['data_prep.brats']
+  assert again['data_prep.chexpert'] == after['data_prep.chexpert']
+  last = edit('data_prep/ops/volume.py')  # shared code: both change
+  assert all(last[m] != again[m] for m in before)

@@ -2,6 +2,7 @@
 
 import struct
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -177,7 +178,9 @@ def _decode_error(data):
 def test_unknown_version_rejected():
   data = bytearray(rec.encode(make()))
   struct.pack_into('<H', data, 4, rec.VERSION + 1)
-  assert "'version' is 2" in _decode_error(bytes(data))
+  assert f"'version' is {rec.VERSION + 1}; this code reads versions 1 and 2" in _decode_error(
+    bytes(data)
+  )
 
 
 @pytest.mark.parametrize('where', [0.3, 0.5, 0.99])
@@ -205,20 +208,62 @@ def test_foreign_bytes():
   assert 'magic' in _decode_error(b'\x89PNG' + bytes(100))
 
 
-def test_decoded_record_is_validated():
-  # A record written by a buggy encoder (valid CRC, bad content) must still be refused on read.
+def _encode_v1(record):
+  """The version 1 writer as it was (arrays inline in msgpack, zlib CRC32): old shards' bytes."""
   import zlib  # pylint: disable=g-import-not-at-top
 
-  import msgpack  # pylint: disable=g-import-not-at-top
-
-  r = make('xray')
-  r['landmarks'][0, 0] = np.nan
   payload = msgpack.packb(
     {
-      k: v if isinstance(v, str) else rec._pack_array(v)  # pylint: disable=protected-access
-      for k, v in r.items()
+      k: v if isinstance(v, str) else rec._pack_array(np.asarray(v))  # pylint: disable=protected-access
+      for k, v in sorted(record.items())
     },
     use_bin_type=True,
   )
-  data = struct.pack('<4sHIQ', b'AACR', rec.VERSION, zlib.crc32(payload), len(payload)) + payload
-  assert "'landmarks' has NaN" in _decode_error(data)
+  return struct.pack('<4sHIQ', b'AACR', 1, zlib.crc32(payload), len(payload)) + payload
+
+
+@pytest.mark.parametrize('modality', rec.MODALITIES)
+def test_old_version_1_records_still_decode(modality):
+  r = make(modality)
+  old = _encode_v1(r)
+  assert old[4:6] == b'\x01\x00' and rec.encode(r)[4:6] == b'\x02\x00'
+  assert_same(r, rec.decode(old))
+  assert_same(rec.decode(old), rec.decode(rec.encode(r)))
+
+
+def test_version_1_damage_is_detected():
+  data = bytearray(_encode_v1(make('xray')))
+  data[len(data) // 2] ^= 0x01
+  assert 'fails its CRC32 check' in _decode_error(bytes(data))
+  assert 'truncated' in _decode_error(_encode_v1(make('xray'))[:-1])
+
+
+def test_decode_is_zero_copy_and_read_only():
+  # The arrays are views of the record's bytes (no copy of a CT slab), aligned for fast access;
+  # read-only, so a shared buffer cannot be changed behind another reader's back.
+  data = rec.encode(make('ct', size=16))
+  out = rec.decode(data)
+  for k, v in out.items():
+    if isinstance(v, np.ndarray):
+      assert not v.flags.writeable and v.base is not None, k
+  image = out['image']
+  assert image.ctypes.data % 16 == 0
+  base = np.frombuffer(data, np.uint8)
+  assert base.ctypes.data <= image.ctypes.data < base.ctypes.data + len(data)
+
+
+def test_decoded_record_is_validated():
+  # A record written by a buggy encoder (valid CRC, bad content) must still be refused on read.
+  r = make('xray')
+  r['landmarks'][0, 0] = np.nan
+  assert "'landmarks' has NaN" in _decode_error(_encode_v1(r))
+  # The same bug in a version 2 record: NaN written into the landmarks block, CRC recomputed.
+  data = bytearray(rec.encode(make('xray')))
+  header = struct.Struct('<4sHHIIQ')
+  meta_len = header.unpack_from(data)[4]
+  meta = msgpack.unpackb(bytes(data[header.size : header.size + meta_len]))
+  start = -(-(header.size + meta_len) // 64) * 64
+  struct.pack_into('<f', data, start + meta['landmarks']['offset'], np.nan)
+  crc = rec._crc32c(np.frombuffer(data, np.uint8))  # pylint: disable=protected-access
+  struct.pack_into('<I', data, 8, crc)
+  assert "'landmarks' has NaN" in _decode_error(bytes(data))

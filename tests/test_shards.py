@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 
+from array_record.python import array_record_module
 import grain
 import numpy as np
 import pytest
@@ -85,6 +86,59 @@ def test_rewrite_replaces_old_shards(root):
     if n.startswith('xray-0000') and not n.endswith('of-00001.array_record')
   ]
   assert len(shards.open_source(root, 'train', 'xray')) == 4
+
+
+def _writer_options(path):
+  reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0')
+  try:
+    return reader.writer_options_string()
+  finally:
+    reader.close()
+
+
+def test_shards_are_uncompressed_and_compressed_ones_still_read(tmp_path, root):
+  # Default: uncompressed chunks (ArrayRecord's own default would be zstd:3).
+  for path in shards.shard_paths(root, 'train', 'xray'):
+    options = _writer_options(path).split(',')
+    assert 'group_size:1' in options and 'uncompressed' in options
+  expected = _records('xray', 10)
+  # Compressed shards (as written before, with ArrayRecord's default zstd, or asked for) read the same.
+  for compression in ('zstd:3', 'snappy', 'brotli:1'):
+    out = str(tmp_path / compression.replace(':', ''))
+    shards.write_split(
+      out, 'train', {'xray': expected}, seed=7, num_shards=2, compression=compression
+    )
+    path = shards.shard_paths(out, 'train', 'xray')[0]
+    assert compression.split(':')[0] in _writer_options(path)
+    src = shards.open_source(out, 'train', 'xray')
+    for i in (9, 0, 4, 5):
+      np.testing.assert_array_equal(src[i]['image'], expected[i]['image'])
+  old = str(tmp_path / 'old')
+  os.makedirs(os.path.join(old, 'train'))
+  path = os.path.join(old, 'train', shards.shard_name('xray', 0, 1))
+  writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')  # the options of old shards
+  for r in expected:
+    writer.write(rec.encode(r))
+  writer.close()
+  entry = {'name': os.path.basename(path), 'count': 10, 'bytes': os.path.getsize(path)}
+  entry['sha256'] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+  shards.write_manifest(old, 'train', {'xray': {'count': 10, 'files': [entry]}}, seed=7)
+  assert 'zstd' in _writer_options(path)
+  src = shards.open_source(old, 'train', 'xray')
+  assert [src[i]['subject'] for i in (3, 9, 0)] == ['s003', 's009', 's000']
+  np.testing.assert_array_equal(src[7]['image'], expected[7]['image'])
+
+
+def test_bad_compression_fails_before_writing(tmp_path):
+  for bad in ('gzip', 'zstd:99x', 'zstd:23', 'brotli:12', '', 'uncompressed,group_size:64'):
+    with pytest.raises(ValueError, match='compression'):
+      shards.write_split(
+        str(tmp_path), 'train', {'xray': _records('xray', 2)}, seed=0, compression=bad
+      )
+  assert not os.path.exists(os.path.join(tmp_path, 'train'))
+  with pytest.raises(ValueError, match='compression'):
+    shards.write_shard(str(tmp_path / 'x.array_record'), [b'x'], compression='lz4')
+  assert not os.listdir(tmp_path)
 
 
 def test_invalid_record_is_not_written(tmp_path):

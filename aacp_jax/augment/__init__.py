@@ -12,6 +12,7 @@ from aacp_jax.augment.core import (
   augment_one,
   identity_params,
   preprocess,
+  resize,
   sample_params,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
   'ct_window',
   'identity_params',
   'preprocess',
+  'resize',
   'sample_params',
 ]

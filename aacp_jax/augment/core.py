@@ -127,15 +127,27 @@ def _sample_params(key, landmarks, visible, modality, cfg):
   return p
 
 
-def _apply_params(params, image, landmarks, visible, modality, cfg, with_noise=True):
+def _out_shape(image, out_size):
+  return tuple(image.shape[:2]) if out_size is None else (int(out_size), int(out_size))
+
+
+def _apply_params(
+  params, image, landmarks, visible, modality, cfg, with_noise=True, extent=None, out_size=None
+):
   # Order: one spatial resample on raw values (so CT air fills at -1000 HU) -> intensity
   # normalisation -> brightness, contrast, noise -> cutout (paper 3.5.3). Noise outside the hole
   # plus the filled hole equals noise-then-cutout, so the batched path may add it afterwards.
+  # The record's own size enters only through `extent` (its valid region in a padded array):
+  # the transform lives in normalised coordinates of the training frame (out_size²), so the
+  # resize to the training size is part of the one resample.
   config_lib.check_modality(modality)
   image = jnp.asarray(image, precision.real())
-  a, t = spatial.affine(params, image.shape[:2])
+  out_shape = _out_shape(image, out_size)
+  a, t = spatial.affine(params, out_shape)
   ctrl = params['elastic'] if _uses_elastic(cfg) else None
-  x = spatial.resample(image, a, t, ctrl, intensity.fill_value(modality, cfg))
+  x = spatial.resample(
+    image, a, t, ctrl, intensity.fill_value(modality, cfg), out_shape=out_shape, extent=extent
+  )
   x = intensity.normalise(x, modality, cfg)
   x = intensity.photometric(x, params, modality, cfg)
   hole = intensity.cutout_hole(x.shape, params['cutout_box'], params['fired']['cutout'])
@@ -149,9 +161,13 @@ def _apply_params(params, image, landmarks, visible, modality, cfg, with_noise=T
   return x, lm, vis, a
 
 
-def _augment_one(key, image, landmarks, visible, modality, cfg, return_transform):
+def _augment_one(
+  key, image, landmarks, visible, modality, cfg, return_transform, extent=None, out_size=None
+):
   params = _sample_params(key, landmarks, visible, modality, cfg)
-  out = _apply_params(params, image, landmarks, visible, modality, cfg)
+  out = _apply_params(
+    params, image, landmarks, visible, modality, cfg, extent=extent, out_size=out_size
+  )
   return out if return_transform else out[:3]
 
 
@@ -159,8 +175,8 @@ def _augment_one(key, image, landmarks, visible, modality, cfg, return_transform
 # Jitted functions nest inside an outer jit or vmap, and eager calls (tests, notebooks) stay fast.
 _STATIC = ('modality', 'cfg')
 _sample_params_jit = jax.jit(_sample_params, static_argnames=_STATIC)
-_apply_params_jit = jax.jit(_apply_params, static_argnames=_STATIC)
-_augment_one_jit = jax.jit(_augment_one, static_argnames=_STATIC + ('return_transform',))
+_apply_params_jit = jax.jit(_apply_params, static_argnames=_STATIC + ('out_size',))
+_augment_one_jit = jax.jit(_augment_one, static_argnames=_STATIC + ('return_transform', 'out_size'))
 
 
 def sample_params(key, landmarks, visible, modality, cfg=None):
@@ -172,26 +188,51 @@ def sample_params(key, landmarks, visible, modality, cfg=None):
   return _sample_params_jit(key, landmarks, visible, modality=modality, cfg=_frozen(cfg))
 
 
-def apply_params(params, image, landmarks, visible, modality, cfg=None):
+def apply_params(
+  params, image, landmarks, visible, modality, cfg=None, *, extent=None, out_size=None
+):
   """Apply drawn params to one sample (H, W, C) raw float32.
 
   Returns (image normalised float32, landmarks (K, 2), visible (K,), linear (2, 2)); `linear` is
   the 2x2 part of the affine, mapping original-frame normalised vectors to augmented-frame ones
-  (elastic ignored). `params` may be hand-made from `identity_params`.
+  (elastic ignored). `params` may be hand-made from `identity_params`. `extent` (2,): the
+  record's valid (h, w) when `image` is padded; `out_size`: the output side (default: the input's).
   """
-  return _apply_params_jit(params, image, landmarks, visible, modality=modality, cfg=_frozen(cfg))
+  return _apply_params_jit(
+    params,
+    image,
+    landmarks,
+    visible,
+    extent=extent,
+    modality=modality,
+    cfg=_frozen(cfg),
+    out_size=out_size,
+  )
 
 
-def augment_one(key, image, landmarks, visible, modality, cfg=None, return_transform=False):
+def augment_one(
+  key,
+  image,
+  landmarks,
+  visible,
+  modality,
+  cfg=None,
+  return_transform=False,
+  *,
+  extent=None,
+  out_size=None,
+):
   """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform]."""
   return _augment_one_jit(
     key,
     image,
     landmarks,
     visible,
+    extent=extent,
     modality=modality,
     cfg=_frozen(cfg),
     return_transform=bool(return_transform),
+    out_size=out_size,
   )
 
 
@@ -210,35 +251,77 @@ def _add_noise_where_fired(images, params):
   return jax.lax.map(one, (images, params))
 
 
-@functools.partial(jax.jit, static_argnames=('modality', 'cfg', 'return_transform'))
-def _augment_batch(key, images, landmarks, visible, modality, cfg, return_transform):
+@functools.partial(jax.jit, static_argnames=('modality', 'cfg', 'return_transform', 'out_size'))
+def _augment_batch(
+  key, images, landmarks, visible, extent, modality, cfg, return_transform, out_size
+):
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(functools.partial(_sample_params, modality=modality, cfg=cfg))(
     keys, landmarks, visible
   )
-  out = jax.vmap(functools.partial(_apply_params, modality=modality, cfg=cfg, with_noise=False))(
-    params, images, landmarks, visible
+  apply = functools.partial(
+    _apply_params, modality=modality, cfg=cfg, with_noise=False, out_size=out_size
   )
+  if extent is None:
+    out = jax.vmap(apply)(params, images, landmarks, visible)
+  else:
+    out = jax.vmap(lambda p, x, lm, v, e: apply(p, x, lm, v, extent=e))(
+      params, images, landmarks, visible, extent
+    )
   out = (_add_noise_where_fired(out[0], params),) + tuple(out[1:])
   return out if return_transform else out[:3]
 
 
-def augment_batch(key, images, landmarks, visible, modality, cfg=None, return_transform=False):
+def augment_batch(
+  key,
+  images,
+  landmarks,
+  visible,
+  modality,
+  cfg=None,
+  return_transform=False,
+  *,
+  extent=None,
+  out_size=None,
+):
   """Augment a batch: images (B, H, W, C) raw float32, landmarks (B, K, 2), visible (B, K).
 
   Sample b uses jax.random.split(key, B)[b]. Returns (images, landmarks, visible), plus
   linear (B, 2, 2) when return_transform. Jitted with modality / cfg static; safe to call inside
-  an outer jit (e.g. the train step).
+  an outer jit (e.g. the train step). Records of any size: `extent` (B, 2) int is each sample's
+  valid (h, w) inside the padded `images` (the pipeline's 'extent'), and the views come out at
+  `out_size`² (default: the input's size), resized within the same single resample.
   """
   return _augment_batch(
     key,
     jnp.asarray(images, precision.real()),
     jnp.asarray(landmarks, precision.real()),
     jnp.asarray(visible, bool),
+    None if extent is None else jnp.asarray(extent, jnp.int32),
     modality,
     _frozen(cfg),
     bool(return_transform),
+    None if out_size is None else int(out_size),
   )
+
+
+@functools.partial(jax.jit, static_argnames=('out_size', 'order'))
+def _resize(images, extent, fill, out_size, order):
+  eye, zero = jnp.eye(2, dtype=precision.real()), jnp.zeros((2,), precision.real())
+  one = lambda x, e: spatial.resample(x, eye, zero, None, fill, (out_size, out_size), e, order)
+  return jax.vmap(one)(images, extent)
+
+
+def resize(images, extent, out_size, *, fill=0.0, order=1):
+  """The augmentation's resample with the identity transform: (B, H, W, C) records padded to a
+  common array, valid (h, w) = `extent` (B, 2), to (B, out_size, out_size, C) float (order 1,
+  bilinear) or in the input dtype (order 0, nearest: label-exact for masks). Evaluation uses it
+  so that its images are those the training views are resampled from."""
+  images = jnp.asarray(images)
+  if order == 1:
+    images = images.astype(precision.real())
+  fill = jnp.asarray(fill, images.dtype)
+  return _resize(images, jnp.asarray(extent, jnp.int32), fill, int(out_size), int(order))
 
 
 def preprocess(images, modality, cfg=None):

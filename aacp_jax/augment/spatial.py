@@ -116,12 +116,19 @@ def _pixel_centres(h, w):
   return jnp.stack([yy.ravel(), xx.ravel()], axis=-1).astype(precision.real())
 
 
-def bilinear(image, pix, fill):
+def _inside(iy, ix, hgt, wid):
+  return (iy >= 0) & (iy < hgt) & (ix >= 0) & (ix < wid)
+
+
+def bilinear(image, pix, fill, extent=None):
   """Sample image (H, W, C) at pixel coords pix (N, 2) -> (N, C); corners outside read `fill`.
 
+  `extent` (2,) int: the valid (h, w) of a padded image (None: the whole array); corners in the
+  padding read `fill` too, so a padded record samples exactly like the record alone.
   One gather per corner for all channels at once (cheaper than map_coordinates per channel).
   """
   hgt, wid, ch = image.shape
+  vh, vw = (hgt, wid) if extent is None else (extent[0], extent[1])
   flat = image.reshape(hgt * wid, ch)
   base = jnp.floor(pix)
   frac = pix - base
@@ -130,7 +137,7 @@ def bilinear(image, pix, fill):
   for dy in (0, 1):
     for dx in (0, 1):
       iy, ix = base[:, 0] + dy, base[:, 1] + dx
-      ok = (iy >= 0) & (iy < hgt) & (ix >= 0) & (ix < wid)
+      ok = _inside(iy, ix, vh, vw)
       idx = jnp.clip(iy, 0, hgt - 1) * wid + jnp.clip(ix, 0, wid - 1)
       val = jnp.where(ok[:, None], jnp.take(flat, idx, axis=0), fill)
       wgt = (frac[:, 0] if dy else 1 - frac[:, 0]) * (frac[:, 1] if dx else 1 - frac[:, 1])
@@ -138,15 +145,39 @@ def bilinear(image, pix, fill):
   return out
 
 
-def resample(image, a, t, ctrl, fill):
-  """The single resample of all channels through the affine (a, t) and elastic field ctrl."""
+def nearest(image, pix, fill, extent=None):
+  """Nearest-neighbour sample (label-exact: every value is a stored one or `fill`), as bilinear."""
   hgt, wid, ch = image.shape
-  q = _pixel_centres(hgt, wid)
+  vh, vw = (hgt, wid) if extent is None else (extent[0], extent[1])
+  # The pixel whose cell [i, i + 1) holds the point: pix + 0.5 is the point in pixel-edge units.
+  cell = jnp.floor(pix + 0.5).astype(jnp.int32)
+  iy, ix = cell[:, 0], cell[:, 1]
+  ok = _inside(iy, ix, vh, vw)
+  idx = jnp.clip(iy, 0, hgt - 1) * wid + jnp.clip(ix, 0, wid - 1)
+  return jnp.where(ok[:, None], jnp.take(image.reshape(hgt * wid, ch), idx, axis=0), fill)
+
+
+def resample(image, a, t, ctrl, fill, out_shape=None, extent=None, order=1):
+  """The single resample of all channels through the affine (a, t) and elastic field ctrl.
+
+  The output grid is `out_shape` (default: the image's); the input is the image's valid region
+  `extent` (h, w) (default: the whole array). Both frames are normalised [0, 1]^2, so resizing
+  a record to the training size is part of this one resample, not a separate pass: a record of
+  any size, padded or not, lands on the same grid. order 1 = bilinear, 0 = nearest (masks).
+  """
+  hgt, wid, ch = image.shape
+  oh, ow = (hgt, wid) if out_shape is None else out_shape
+  q = _pixel_centres(oh, ow)
   if ctrl is not None:  # None: elastic statically off, skip the field
     q = q + elastic_at(ctrl, q)
   p = (q - t) @ inv2(a).T
-  pix = p * jnp.array([hgt, wid], precision.real()) - 0.5
-  return bilinear(image, pix, fill).reshape(hgt, wid, ch)
+  if extent is None:
+    size = jnp.array([hgt, wid], precision.real())
+  else:
+    size = jnp.asarray(extent).astype(precision.real())
+  pix = p * size - 0.5
+  sample = bilinear if order == 1 else nearest
+  return sample(image, pix, fill, extent).reshape(oh, ow, ch)
 
 
 def move_landmarks(landmarks, visible, a, t, ctrl, iters):

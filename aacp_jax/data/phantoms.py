@@ -17,9 +17,12 @@ and liver carve the lungs, the diaphragm is the liver dome) with a few vectorise
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -539,17 +542,18 @@ class _Records:
 def build(
   root: str, *, seed: int, image_size: int, counts: dict[str, dict[str, int]], progress: bool = True
 ) -> str:
-  """Writes every split of ``counts`` (split -> modality -> n) under ``root``; cached per split."""
+  """Writes every split of ``counts`` (split -> modality -> n) under ``root``; cached per split.
+
+  Each split is written into a temporary folder inside ``root`` and renamed into place, so a
+  reader never sees half a split and two builders of one cache (two runs started together) do
+  not write into each other's files: the second to finish finds the split complete and uses it.
+  """
   params = _params(seed, image_size, counts)
   todo = []
   for split, per_modality in counts.items():
     meta = dict(params, counts=params['counts'][split], split=split)
-    try:
-      if shards.read_manifest(root, split).get('meta') == meta:
-        continue
-    except shards.ShardError:
-      pass
-    todo.append((split, per_modality, meta))
+    if not _complete(root, split, meta):
+      todo.append((split, per_modality, meta))
   if not todo:
     return root
   bar = None
@@ -559,15 +563,60 @@ def build(
     bar = tqdm.tqdm(total=sum(sum(c.values()) for _, c, _ in todo), desc='phantoms', unit='rec')
   try:
     for split, per_modality, meta in todo:
-      shards.write_split(
-        root,
-        split,
-        {m: _Records(m, n, seed, image_size, split, bar) for m, n in per_modality.items()},
-        seed=seed,
-        label_names={m: LABEL_NAMES[m] for m in per_modality},
-        meta=meta,
-      )
+      records = {m: _Records(m, n, seed, image_size, split, bar) for m, n in per_modality.items()}
+      _build_split(root, split, records, meta, seed)
   finally:
     if bar is not None:
       bar.close()
   return root
+
+
+def _complete(root: str, split: str, meta: dict) -> bool:
+  """Whether ``root/split`` holds the split of exactly these parameters (its manifest says so)."""
+  try:
+    return shards.read_manifest(root, split).get('meta') == meta
+  except shards.ShardError:
+    return False
+
+
+def _build_split(root: str, split: str, records: dict, meta: dict, seed: int) -> None:
+  os.makedirs(root, exist_ok=True)
+  # Same parent as the split, so the rename below stays on one filesystem (atomic).
+  tmp = tempfile.mkdtemp(prefix=f'.{split}.building-', dir=root)
+  try:
+    shards.write_split(
+      tmp,
+      split,
+      records,
+      seed=seed,
+      label_names={m: LABEL_NAMES[m] for m in records},
+      meta=meta,
+    )
+    _publish(os.path.join(tmp, split), root, split, meta)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(built: str, root: str, split: str, meta: dict) -> None:
+  """Renames the finished split ``built`` to ``root/split``; a complete split of the same
+  parameters already there (a concurrent builder's) is kept and ``built`` discarded."""
+  target = os.path.join(root, split)
+  for _ in range(10):
+    try:
+      os.rename(built, target)  # atomic; fails when the target is a non-empty folder
+      return
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+    if _complete(root, split, meta):
+      return
+    # An old split (other parameters, or left half-written by an older version): move it
+    # aside in one rename, then delete it, so the target is never half old and half new.
+    aside = tempfile.mkdtemp(prefix=f'.{split}.old-', dir=root)
+    try:
+      os.rename(target, os.path.join(aside, split))
+    except FileNotFoundError:
+      pass  # another builder moved it first
+    finally:
+      shutil.rmtree(aside, ignore_errors=True)
+  raise OSError(f'{target}: could not be replaced (other builders keep writing it)')

@@ -14,10 +14,12 @@ time with a one-line ``ShardError`` naming the file instead of deep inside a tra
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import ctypes
 import datetime
 import hashlib
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -31,9 +33,16 @@ from aacp_jax.errors import one_line
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
 RECORDS_PER_SHARD = 256
-# group_size:1 makes every record its own chunk: random access reads exactly one record.
-_WRITER_OPTIONS = 'group_size:1'
-_READER_OPTIONS = 'readahead_buffer_size:0'
+# Shards are written uncompressed: ArrayRecord's default is zstd:3, whose decompression costs
+# more than the bytes it saves on a local disk (a 16 MiB CT slab read in 42 ms compressed, 17 ms
+# uncompressed; a 1 MiB radiograph 2.1 vs 0.4 ms; docs/PERFORMANCE.md). Pass e.g. 'zstd:3' to the
+# writers for a network filesystem where bytes cost more than CPU. Readers read either kind: the
+# compression is in each chunk's header.
+COMPRESSION = 'uncompressed'
+_COMPRESSION = re.compile(r'uncompressed|snappy|(zstd|brotli)(:-?\d+)?')
+# Random access as the ArrayRecord reader's docs advise: no readahead buffer, no thread pool (the
+# read runs in the calling Grain thread; a pool of its own only added copies and contention here).
+_READER_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'
 
 
 class ShardError(RuntimeError):
@@ -63,8 +72,13 @@ class _Summary:
     self.shapes: dict[str, Any] = {}
     self.dtypes: dict[str, str] = {}
     self.labels: dict[str, int] = {}
+    # The largest image (h, w): readers pad batches of mixed sizes to it (pipeline.pad_hw).
+    self.max_hw: list[int] | None = None
 
   def add(self, record: dict) -> None:
+    if np.ndim(record.get('image')) >= 2:  # a bad record fails in encode, with its message
+      hw = [int(v) for v in np.shape(record['image'])[:2]]
+      self.max_hw = hw if self.max_hw is None else [max(a, b) for a, b in zip(self.max_hw, hw)]
     for key, value in record.items():
       if isinstance(value, str):
         continue
@@ -77,9 +91,30 @@ class _Summary:
       self.labels[label] = self.labels.get(label, 0) + 1
 
 
-def _write_shard(path: str, payloads: Iterable[bytes]) -> dict:
+def writer_options(compression: str | None = None) -> str:
+  """ArrayRecord writer options of a shard: ``group_size:1`` (every record its own chunk, so a
+  random read reads exactly one record) and ``compression`` (default ``COMPRESSION``; also
+  'snappy', 'zstd[:level]', 'brotli[:level]')."""
+  compression = COMPRESSION if compression is None else compression
+  match = isinstance(compression, str) and _COMPRESSION.fullmatch(compression)
+  level = int(match.group(2)[1:]) if match and match.group(2) else None
+  # ArrayRecord's ranges: zstd -131072..22, brotli 0..11 (checked here, before files are touched).
+  if level is not None and not (
+    -131072 <= level <= 22 if match.group(1) == 'zstd' else 0 <= level <= 11
+  ):
+    match = None
+  if not match:
+    raise ValueError(
+      f"compression {compression!r}: expected 'uncompressed', 'snappy', 'zstd[:level]' or "
+      "'brotli[:level]'"
+    )
+  return f'group_size:1,{compression}'
+
+
+def _write_shard(path: str, payloads: Iterable[bytes], compression: str | None = None) -> dict:
+  options = writer_options(compression)  # a bad value fails before any file exists
   tmp = f'{path}.tmp-{os.getpid()}'
-  writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+  writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
     for payload in payloads:
@@ -109,13 +144,16 @@ def write_split(
   code_version: str | None = None,
   label_names: Mapping[str, list[str]] | None = None,
   meta: Mapping[str, Any] | None = None,
+  compression: str | None = None,
 ) -> dict:
   """Encodes and writes every modality's records; returns the manifest it wrote.
 
   ``num_shards`` (an int, or per modality) None picks ~256 records per shard. Shards need the record
   count up front: pass iterables with ``len()``; a plain generator is first held in memory encoded.
   ``meta`` is stored verbatim (e.g. generator parameters a cache compares against).
+  ``compression``: of the ArrayRecord chunks (``writer_options``; default uncompressed).
   """
+  writer_options(compression)  # a bad value fails before anything is written or removed
   split_dir = os.path.join(root, split)
   os.makedirs(split_dir, exist_ok=True)
   manifest_path = os.path.join(split_dir, MANIFEST)
@@ -153,7 +191,7 @@ def write_split(
       path = os.path.join(split_dir, shard_name(modality, s, n_shards))
       # Contiguous blocks: neighbouring records share a file, as a sequential reader expects.
       chunk = _take(stream, (s + 1) * total // n_shards - s * total // n_shards)
-      files.append(_write_shard(path, chunk))
+      files.append(_write_shard(path, chunk, compression))
     if next(stream, None) is not None:
       raise ValueError(f'{split}/{modality}: the records yielded more items than their len()')
     modalities[modality] = {
@@ -162,6 +200,7 @@ def write_split(
       'shapes': summary.shapes,
       'dtypes': summary.dtypes,
       'label_counts': summary.labels or None,
+      'max_hw': summary.max_hw,
     }
 
   return write_manifest(
@@ -175,12 +214,13 @@ def write_split(
   )
 
 
-def write_shard(path: str, payloads: Iterable[bytes]) -> dict:
+def write_shard(path: str, payloads: Iterable[bytes], *, compression: str | None = None) -> dict:
   """One shard from already encoded records (tmp file + rename); returns its manifest ``files`` entry.
 
   For writers that produce shards one at a time (``data_prep.runner``: one shard per worker task).
+  ``compression`` as in ``writer_options`` (default uncompressed).
   """
-  return _write_shard(path, payloads)
+  return _write_shard(path, payloads, compression)
 
 
 def write_manifest(
@@ -267,6 +307,31 @@ def shard_paths(root: str, split: str, modality: str) -> list[str]:
   ]
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_malloc_tuned = False
+
+
+def _reuse_large_allocations() -> None:
+  """Lets glibc keep record-sized buffers instead of mmap-ing (and page-faulting) fresh ones.
+
+  ArrayRecord returns each record through a few buffers of its size; above glibc's mmap
+  threshold every one is a fresh mapping whose pages the kernel zeroes on first touch. For a
+  16 MiB CT slab that was 2/3 of the read (63 -> 21 ms per record, measured; 53 -> 21 ms on an
+  uncompressed shard, one core, 2026-12-02). Process-wide and
+  harmless elsewhere (memory stays with the process for reuse); a no-op without glibc.
+  """
+  global _malloc_tuned
+  if _malloc_tuned:
+    return
+  _malloc_tuned = True
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: HEAP_MAX_SIZE / 2
+    libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+  except (OSError, AttributeError):
+    pass
+
+
 class ShardSource:
   """Random-access source of decoded, validated records (``len`` + ``__getitem__``) for Grain.
 
@@ -290,6 +355,7 @@ class ShardSource:
         raise ShardError(f'{path}: sha256 mismatch with manifest (corrupt)')
     self._readers: list[Any] = [None] * len(self._paths)
     self._lock = threading.Lock()
+    _reuse_large_allocations()
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -336,6 +402,7 @@ class ShardSource:
   def __setstate__(self, state):
     self.__dict__.update(state)
     self._lock = threading.Lock()
+    _reuse_large_allocations()  # in a Grain worker process too
 
   def __repr__(self) -> str:
     return f'ShardSource({self.split}/{self.modality}, {len(self)} records)'

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aacp_jax.data import pipeline
 from aacp_jax.eval import embed as embed_lib
 from aacp_jax.eval import metrics
 from aacp_jax.models import inputs
@@ -126,8 +125,8 @@ def evaluate_pretrained(config, model, state, root) -> dict:
   trained_vars = jax.device_get(state.variables)
   results = {}
   for m in config.modalities:
-    fit = pipeline.load_split_arrays(root, config.eval.split_fit, m, image_size)
-    test = pipeline.load_split_arrays(root, config.eval.split_test, m, image_size)
+    fit = embed_lib.load_split(root, config.eval.split_fit, m, image_size, aug_cfg=config.augment)
+    test = embed_lib.load_split(root, config.eval.split_test, m, image_size, aug_cfg=config.augment)
     row = {}
     for name, variables in (('pretrained', trained_vars), ('random_init', init_vars)):
       f_fit, f_test = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from aacp_jax import augment, losses, precision
+from aacp_jax import augment, config_checks, losses, precision
 from aacp_jax.data import landmarks as landmarks_lib
 from aacp_jax.methods import terms
 from aacp_jax.methods.base import Method, RunInfo
@@ -31,8 +31,9 @@ def build_model(config):
   )
 
 
-def two_views(key, batch_m, modality, aug_cfg):
-  """Two independently augmented views of one modality's raw batch.
+def two_views(key, batch_m, modality, aug_cfg, out_size=None):
+  """Two independently augmented views of one modality's raw batch, at `out_size`² (default:
+  the batch's size; records padded by the pipeline carry their true size in 'extent').
 
   Returns {'image', 'landmarks', 'landmark_visible', 'linear'}, each stacked [view1; view2]:
   the images, the landmarks and their visibility after augmentation, and the per-sample 2x2
@@ -48,6 +49,8 @@ def two_views(key, batch_m, modality, aug_cfg):
       modality,
       aug_cfg,
       return_transform=True,
+      extent=batch_m.get('extent'),
+      out_size=out_size,
     )
     for k in jax.random.split(key)
   ]
@@ -58,7 +61,13 @@ def two_views(key, batch_m, modality, aug_cfg):
 def make_views(key, batch, config):
   """{m: two_views(...)} for every enabled modality (the step's RNG)."""
   return {
-    m: two_views(jax.random.fold_in(key, MODALITY_IDS[m]), batch[m], m, config.augment)
+    m: two_views(
+      jax.random.fold_in(key, MODALITY_IDS[m]),
+      batch[m],
+      m,
+      config.augment,
+      out_size=config.data.image_size,
+    )
     for m in config.modalities
   }
 
@@ -212,17 +221,49 @@ def make_loss(config, model, run: RunInfo):
   return loss
 
 
+# The method's numeric keys (the loop's own are `train.state.COMMON_RULES`).
+RULES = (
+  ('data.image_size', config_checks.Number(lo=32, integer=True)),
+  ('model.width', config_checks.COUNT),
+  ('model.projector', config_checks.COUNT),
+  ('loss.temperature', config_checks.POSITIVE),
+  ('loss.gamma', config_checks.Number(lo=0, hi=1, open_hi=True)),
+  ('loss.sigma', config_checks.POSITIVE),
+  ('loss.spatial_weight', config_checks.NON_NEGATIVE),
+  ('loss.multiscale_weights', config_checks.NON_NEGATIVE),
+  ('loss.triplet_weight', config_checks.NON_NEGATIVE),
+  ('loss.triplet_margin', config_checks.NON_NEGATIVE),
+  ('loss.cross_weight', config_checks.NON_NEGATIVE),
+  ('eval.batch_size', config_checks.COUNT),
+  ('eval.bootstrap', config_checks.COUNT),
+  ('eval.l2', config_checks.NON_NEGATIVE),  # 0 = chosen by cross-validation
+)
+# Read only when their module is on (fpn, roi_attention, cross_weight > 0).
+FPN_RULES = (
+  ('model.fpn_channels', config_checks.COUNT),
+  ('model.level_projector', config_checks.COUNT),
+)
+CROSS_RULES = (
+  ('loss.cross_delta', config_checks.POSITIVE),
+  ('loss.cross_start_epoch', config_checks.NON_NEGATIVE),
+  ('loss.cross_end_epoch', config_checks.NON_NEGATIVE),
+  ('loss.cross_organ_weight', config_checks.UNIT),
+  ('loss.cross_min_common', config_checks.COUNT),
+)
+# Keys an older config.json may lack (modules 4-7 came later); absent means off.
+_OPTIONAL = (
+  'loss.spatial_weight',
+  'loss.multiscale_weights',
+  'loss.triplet_weight',
+  'loss.triplet_margin',
+  'loss.cross_weight',
+)
+
+
 def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
-  if config.data.image_size < 32:
-    raise ValueError(f'config.data.image_size={config.data.image_size}: must be at least 32')
+  config_checks.check(config, RULES, optional=_OPTIONAL)
   resnet.check_depth(config.model.depth)
-  if config.loss.temperature <= 0:
-    raise ValueError(f'config.loss.temperature={config.loss.temperature}: must be positive')
-  if not 0 <= config.loss.gamma < 1:
-    raise ValueError(f'config.loss.gamma={config.loss.gamma}: must lie in [0, 1)')
-  if config.loss.get('spatial_weight', 0) < 0:
-    raise ValueError(f'config.loss.spatial_weight={config.loss.spatial_weight}: must be >= 0')
   if config.loss.get('spatial_weight', 0) > 0 and not config.model.get('landmark_head', False):
     raise ValueError(
       f'config.loss.spatial_weight={config.loss.spatial_weight} needs '
@@ -236,7 +277,8 @@ def _check_modules(config) -> None:
   loss, model = config.loss, config.model
   weights = tuple(loss.get('multiscale_weights', ()))
   if model.get('fpn', False):
-    if len(tuple(model.fpn_channels)) != 4 or min(model.fpn_channels) <= 0:
+    config_checks.check(config, FPN_RULES)
+    if len(tuple(model.fpn_channels)) != 4:
       raise ValueError(
         f'config.model.fpn_channels={tuple(model.fpn_channels)}: expected 4 '
         'positive widths for p2..p5'
@@ -244,7 +286,7 @@ def _check_modules(config) -> None:
     if len(tuple(model.level_projector)) < 1:
       raise ValueError('config.model.level_projector: expected at least one width')
   if weights:
-    if len(weights) != 4 or min(weights) < 0:
+    if len(weights) != 4:
       raise ValueError(
         f'config.loss.multiscale_weights={weights}: expected 4 weights >= 0 (p2, p3, p4, p5)'
       )
@@ -252,33 +294,19 @@ def _check_modules(config) -> None:
       raise ValueError(
         f'config.loss.multiscale_weights={weights} needs config.model.fpn=True (or all weights 0)'
       )
-  if model.get('roi_attention', False) and model.get('roi_features', 1) <= 0:
-    raise ValueError(f'config.model.roi_features={model.roi_features}: must be positive')
-  if loss.get('triplet_weight', 0) < 0 or loss.get('triplet_margin', 0) < 0:
-    raise ValueError(
-      f'config.loss.triplet_weight / triplet_margin: must be >= 0, got '
-      f'{loss.triplet_weight} / {loss.triplet_margin}'
-    )
+  if model.get('roi_attention', False):
+    config_checks.check(config, [('model.roi_features', config_checks.COUNT)])
   if loss.get('triplet_weight', 0) > 0 and loss.triplet_mining not in TRIPLET_MINING:
     raise ValueError(
       f'config.loss.triplet_mining={loss.triplet_mining!r}: expected one of {TRIPLET_MINING}'
     )
-  if loss.get('cross_weight', 0) < 0:
-    raise ValueError(f'config.loss.cross_weight={loss.cross_weight}: must be >= 0')
   if loss.get('cross_weight', 0) > 0:
-    if loss.cross_delta <= 0:
-      raise ValueError(f'config.loss.cross_delta={loss.cross_delta}: must be positive')
-    if not 0 <= loss.cross_start_epoch <= loss.cross_end_epoch:
+    config_checks.check(config, CROSS_RULES)
+    if not loss.cross_start_epoch <= loss.cross_end_epoch:
       raise ValueError(
         f'config.loss.cross_start_epoch={loss.cross_start_epoch} / '
         f'cross_end_epoch={loss.cross_end_epoch}: need 0 <= start <= end'
       )
-    if not 0 <= loss.cross_organ_weight <= 1:
-      raise ValueError(
-        f'config.loss.cross_organ_weight={loss.cross_organ_weight}: must lie in [0, 1]'
-      )
-    if loss.cross_min_common < 1:
-      raise ValueError(f'config.loss.cross_min_common={loss.cross_min_common}: must be >= 1')
     for name in loss.cross_landmarks:
       try:
         landmarks_lib.landmark_index(name)

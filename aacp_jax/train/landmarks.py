@@ -17,9 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from aacp_jax import augment, experiments
-from aacp_jax.data import pipeline
+from aacp_jax import augment, config_checks, experiments
 from aacp_jax.eval import detector as detector_eval
+from aacp_jax.eval import embed as embed_lib
 from aacp_jax.eval.detector import canonical_atlas, detection_metrics, predict
 from aacp_jax.modalities import MODALITY_IDS
 from aacp_jax.models import detector as det
@@ -27,10 +27,23 @@ from aacp_jax.models import inputs as model_inputs
 from aacp_jax.train import loop
 from aacp_jax.train import state as state_lib
 
+# The detector's numeric keys (the loop's own are `state.COMMON_RULES`).
+RULES = (
+  ('total_steps', config_checks.COUNT),  # no epochs here: the length is total_steps alone
+  ('model.width', config_checks.COUNT),
+  ('model.levels', config_checks.COUNT),
+  ('loss.heatmap_sigma', config_checks.POSITIVE),
+  ('loss.coord_weight', config_checks.NON_NEGATIVE),
+  ('loss.visible_weight', config_checks.NON_NEGATIVE),
+  ('eval.visible_threshold', config_checks.Number(lo=0, hi=1, open_lo=True, open_hi=True)),
+  ('eval.detect_radius', config_checks.POSITIVE),
+)
+
 
 def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
   state_lib.check_common(config)
+  config_checks.check(config, RULES)
   factor = 2**config.model.levels
   if config.data.image_size % factor:
     raise ValueError(
@@ -42,15 +55,6 @@ def check_config(config) -> None:
       f'config.model.output_level={config.model.output_level}: must lie in '
       f'[0, config.model.levels={config.model.levels}]'
     )
-  for key in ('heatmap_sigma', 'coord_weight', 'visible_weight'):
-    if config.loss[key] < 0 or (key == 'heatmap_sigma' and config.loss[key] == 0):
-      raise ValueError(f'config.loss.{key}={config.loss[key]}: must be positive')
-  if not 0 < config.eval.visible_threshold < 1:
-    raise ValueError(
-      f'config.eval.visible_threshold={config.eval.visible_threshold}: must lie in (0, 1)'
-    )
-  if config.total_steps <= 0:
-    raise ValueError(f'config.total_steps={config.total_steps}: must be positive')
 
 
 def modality_loss(out, landmarks, visible, image_size, loss_cfg):
@@ -91,6 +95,8 @@ def make_views(batch, key, config):
       batch[m]['landmark_visible'],
       m,
       config.augment,
+      extent=batch[m].get('extent'),
+      out_size=config.data.image_size,
     )
     images[m], targets[m] = img, (pts, vis)
   return images, targets
@@ -118,9 +124,9 @@ def evaluate(config, model, variables, root):
   thr, radius = config.eval.visible_threshold, config.eval.detect_radius
   results, train_arrays = {}, []
   for m in config.modalities:
-    train = pipeline.load_split_arrays(root, config.data.split, m, size)
+    train = embed_lib.load_split(root, config.data.split, m, size)
     train_arrays.append(train)
-    test = pipeline.load_split_arrays(root, config.eval.split, m, size)
+    test = embed_lib.load_split(root, config.eval.split, m, size)
     vis_train = train['landmark_visible']
     mean_pos = (train['landmarks'] * vis_train[..., None]).sum(0) / np.maximum(vis_train.sum(0), 1)[
       :, None

@@ -51,13 +51,15 @@ class Task:
 
 @dataclasses.dataclass
 class Trained:
-  """What `train` returns: the final (or stopped-at) state, the task and data it used, and
-  `stopped_at`, the step a signal stopped the run at (None when it ran to the end)."""
+  """What `train` returns: the final (or stopped-at) state, the task and data it used,
+  `stopped_at`, the step a signal stopped the run at (None when it ran to the end), and
+  `resumed_from`, the checkpoint step it started from (None: from scratch)."""
 
   state: Any
   task: Task
   data: inputs.Data
   stopped_at: int | None
+  resumed_from: int | None = None
 
 
 class StopFlag:
@@ -88,8 +90,8 @@ def nonfinite_message(first: int, last: int, skipped: int, last_bad: int) -> str
   """The one line the non-finite policy ends a run with."""
   steps = f'step {last}' if first == last else f'steps {first}..{last}'
   return (
-    f'{steps}: {skipped} step(s) skipped because the loss or gradient norm was not finite '
-    f'(the last at step {last_bad})'
+    f'{steps}: {skipped} step(s) skipped because the loss, gradient norm, update norm or new '
+    f'parameters were not finite (the last at step {last_bad})'
   )
 
 
@@ -98,14 +100,26 @@ def train(
 ) -> Trained:
   """Runs (or resumes) training of `make_task(config, data)` in `workdir` and returns `Trained`.
 
-  Non-finite policy: a step whose loss or gradient norm is not finite changes nothing but the
-  step and the state's `nonfinite` counter (`state.apply_if_finite`); the loop reads the
-  counter at every log step and, if any step since the last log was skipped, saves the state
-  (which holds no update from a skipped step) and raises FloatingPointError naming the steps.
+  Non-finite policy: a step whose loss, gradient norm, update norm or new parameters are not
+  finite changes nothing but the step and the state's `nonfinite` counter
+  (`state.apply_if_finite`); the loop reads the counter after the first step and at every log
+  step and, if any step since was skipped, saves the state (which holds no update from a
+  skipped step) unless the last checkpoint already holds the same parameters, and raises
+  FloatingPointError naming the steps. A failing run prunes no checkpoint.
   """
   workdir_lib.check_writable(workdir, jax.process_index())
-  if jax.process_index() == 0:
-    workdir_lib.write_config(config, workdir)
+  # One run per workdir, and a resume only of the same run: both settled before anything there
+  # is read or written. The lock is held until training ends (the kernel drops it on death).
+  with workdir_lib.lock(workdir, jax.process_index()):
+    changes = workdir_lib.check_resume(config, workdir)
+    if jax.process_index() == 0:
+      workdir_lib.record_changes(workdir, changes)
+      workdir_lib.write_config(config, workdir)
+    return _train(config, workdir, make_task, open_data)
+
+
+def _train(config, workdir: str, make_task, open_data) -> Trained:
+  """`train` in a locked workdir whose config.json is this run's."""
   mesh = sharding.make_mesh()
   data = open_data(config, workdir, mesh)
   task = make_task(config, data)
@@ -117,10 +131,13 @@ def train(
     every_steps=config.checkpoint_every_steps,
     keep=config.keep_checkpoints,
   )
+  # The newest checkpoint that verifies; damaged newer ones are moved aside, in one log line.
   restored = ckpt.restore(ckpt_lib.abstract_like(state, shardings), data.iterator)
+  resumed_from = None
   if restored is not None:
     state = restored
-    logging.info('Resumed from step %d in %s', int(state.step), ckpt.directory)
+    resumed_from = int(state.step)
+    logging.info('Resumed from step %d in %s', resumed_from, ckpt.directory)
   start, total = int(state.step), task.total_steps
 
   step_fn = jax.jit(
@@ -137,7 +154,8 @@ def train(
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-  writer = MetricWriter(workdir)
+  # Rows a killed run logged after `start` are logged again below: dropped, so each step is once.
+  writer = MetricWriter(workdir, resume_step=start)
   logging.info(
     'Training steps %d..%d (%d per epoch), batches %s on %d devices.',
     start,
@@ -149,14 +167,28 @@ def train(
 
   t_start = t_last = time.perf_counter()
   n_last, seen_nonfinite = start, int(state.nonfinite)
-  stopped_at = None
+  # The step and skip counter of the newest checkpoint: if every step since was skipped, that
+  # checkpoint already holds this state's parameters (None: there is none).
+  saved = (start, seen_nonfinite) if restored is not None else None
+  stopped_at, failed = None, True
   try:
     with StopFlag() as stop:
       for step in range(start, total):
-        batch = sharding.to_global(next(data.iterator), mesh)
+        batch = inputs.next_batch(data.iterator, mesh)
+        if step == start:
+          # Compiled ahead, then a barrier: every process starts its first step together, as
+          # the CPU collectives give late peers only 30 s (`sharding.barrier`).
+          step_fn = step_fn.lower(state, batch).compile()
+          sharding.barrier('compiled')
         state, metrics = step_fn(state, batch)
         done = step + 1
-        if done % config.log_every_steps == 0 or done == total or stop.requested:
+        # Read once per step: a signal that arrives later (during the save below) is acted on
+        # after the next step, which is then logged, saved and stopped at as one.
+        stopping = stop.requested
+        # After the first step one read of the counter (one host sync) stops a run that skips
+        # every step (lr = NaN) at once rather than at the first log step.
+        first_bad = done == start + 1 and int(state.nonfinite) != seen_nonfinite
+        if done % config.log_every_steps == 0 or done == total or stopping or first_bad:
           metrics = jax.device_get(metrics)
           now = time.perf_counter()
           # The first interval holds compilation; it is reported but not steady-state speed.
@@ -167,20 +199,28 @@ def train(
           logging.info(
             'step %d loss %.4f (%.1f img/s)', done, metrics['loss'], metrics['images_per_sec']
           )
-          skipped = int(metrics['nonfinite_steps']) - seen_nonfinite
+          nonfinite = int(metrics['nonfinite_steps'])
+          skipped = nonfinite - seen_nonfinite
           if skipped:
-            ckpt.save(done, state, data.iterator, force=True)
-            raise FloatingPointError(
-              f'{nonfinite_message(n_last + 1, done, skipped, int(state.nonfinite_last))}; '
-              f'the state without them is saved in {ckpt.directory}'
-            )
+            message = nonfinite_message(n_last + 1, done, skipped, int(state.nonfinite_last))
+            if saved is not None and done - saved[0] == nonfinite - saved[1]:
+              # Saving again would only push good checkpoints out (reruns used to, each time).
+              where = f'the checkpoint of step {saved[0]} holds the state without them'
+            else:
+              ckpt.save(done, state, data.iterator, force=True, prune=False)
+              where = f'the state without them is saved in {ckpt.directory} (step {done})'
+            raise FloatingPointError(f'{message}; {where}')
           t_last, n_last = now, done
-        ckpt.save(done, state, data.iterator, force=stop.requested or done == total)
-        if stop.requested:
+        if ckpt.save(done, state, data.iterator, force=stopping or done == total):
+          saved = (done, int(state.nonfinite))
+        if stopping:
           logging.warning('Stopped at step %d; run the same command to resume.', done)
           stopped_at = done
           break
+    failed = False
   finally:
-    ckpt.close()
+    ckpt.close(prune=not failed)
     writer.close()
-  return Trained(state=state, task=task, data=data, stopped_at=stopped_at)
+  return Trained(
+    state=state, task=task, data=data, stopped_at=stopped_at, resumed_from=resumed_from
+  )

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aacp_jax import sharding
+from aacp_jax import config_checks, sharding
 from aacp_jax.modalities import MODALITIES
 from aacp_jax.models import layers
 
@@ -81,16 +81,28 @@ def create_state(model, tx, mesh, inputs, seed: int, init_extra=None):
 
 
 def apply_if_finite(state: TrainState, grads, batch_stats, extra, loss, tx):
-  """The optimiser update, kept only when the loss and gradient norm are finite.
+  """The optimiser update, kept only when the loss, the gradient norm, the update norm and every
+  new parameter are finite.
 
   Returns (new_state, finite, grad_norm, updates). A non-finite step leaves the parameters,
   statistics, optimiser and extra state as they were, and counts itself in `nonfinite` (the
   step still advances), so the checkpoint written when the loop stops on it is usable.
+  The loss and gradient alone miss a broken optimiser: with lr = NaN both are finite and every
+  parameter is NaN after the step; with lr = 1e30 the update norm overflows. A finite step
+  computes exactly what it did without these checks (they only choose between two states).
   """
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # Norms, not a per-leaf `all(isfinite)` chain: one flag reduced from every leaf that way made
+  # XLA:CPU compile the full step 5x longer. A norm is finite iff every element is (and the
+  # sum of squares does not overflow: parameters near 1e19 in float32 count as not finite).
+  finite = (
+    jnp.isfinite(loss)
+    & jnp.isfinite(grad_norm)
+    & jnp.isfinite(optax.tree.norm(updates))
+    & jnp.isfinite(optax.tree.norm(params))
+  )
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
     step=state.step + 1,
@@ -105,7 +117,7 @@ def apply_if_finite(state: TrainState, grads, batch_stats, extra, loss, tx):
 
 
 def check_modalities(config) -> None:
-  """config.modalities is a non-empty subset of MODALITIES, each with a batch share."""
+  """config.modalities is a non-empty subset of MODALITIES, each with a positive batch share."""
   mods = tuple(config.modalities)
   if not mods:
     raise ValueError('config.modalities: empty; expected some of ' + ', '.join(MODALITIES))
@@ -114,23 +126,34 @@ def check_modalities(config) -> None:
       raise ValueError(f'config.modalities: unknown modality {m!r}; expected some of {MODALITIES}')
     if m not in config.data.shares:
       raise ValueError(f'config.data.shares: no share for enabled modality {m!r}')
+  # A zero or negative share would give an empty batch or a zero sum to divide by.
+  config_checks.check(config, [(f'data.shares.{m}', config_checks.POSITIVE) for m in mods])
+
+
+# The keys every experiment's loop reads, with the values a run can use.
+COMMON_RULES = (
+  ('seed', config_checks.INDEX),
+  ('batch_size', config_checks.COUNT),
+  ('total_steps', config_checks.INDEX),
+  ('num_epochs', config_checks.COUNT),
+  ('log_every_steps', config_checks.COUNT),
+  ('checkpoint_every_steps', config_checks.COUNT),
+  ('keep_checkpoints', config_checks.COUNT),
+  ('optim.lr', config_checks.POSITIVE),
+  ('optim.weight_decay', config_checks.NON_NEGATIVE),
+  ('optim.grad_clip', config_checks.NON_NEGATIVE),  # 0 = off
+  ('optim.warmup_steps', config_checks.INDEX),
+  ('data.image_size', config_checks.COUNT),
+  ('data.worker_count', config_checks.INDEX),
+) + config_checks.AUGMENT_RULES
 
 
 def check_common(config) -> None:
   """The keys every experiment's loop reads: one-line errors naming them."""
+  config_checks.check_finite(config)
   check_modalities(config)
-  if config.batch_size <= 0:
-    raise ValueError(f'config.batch_size={config.batch_size}: must be positive')
-  if config.optim.lr <= 0:
-    raise ValueError(f'config.optim.lr={config.optim.lr}: must be positive')
-  if config.total_steps < 0 or config.get('num_epochs', 1) <= 0:
-    raise ValueError('config.total_steps / config.num_epochs: must be positive')
-  if config.log_every_steps <= 0:
-    raise ValueError(f'config.log_every_steps={config.log_every_steps}: must be positive')
-  if config.checkpoint_every_steps <= 0:
-    raise ValueError(
-      f'config.checkpoint_every_steps={config.checkpoint_every_steps}: must be positive'
-    )
-  if config.keep_checkpoints < 1:
-    raise ValueError(f'config.keep_checkpoints={config.keep_checkpoints}: must be >= 1')
+  # num_epochs: experiments without epochs (the landmark detector) have only total_steps.
+  config_checks.check(config, COMMON_RULES, optional=('num_epochs',))
+  phantoms = config.data.get('phantoms') or {}
+  config_checks.check(config, [(f'data.phantoms.{s}', config_checks.COUNT) for s in phantoms])
   layers.compute_dtype(config.model.dtype)
