@@ -23,7 +23,6 @@ run that has not failed, and removes only steps older than the `keep` newest ver
 a failed run, or a save that never committed, never costs a good checkpoint.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,18 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from aacp_jax import errors, sharding
+from aacp_jax import digest, errors, sharding
 
 MANIFEST = 'aacp_sha256.json'
 REJECTED = 'rejected'
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -65,7 +56,7 @@ def write_manifest(folder: str) -> None:
   files = {}
   for rel in _files(folder):
     path = os.path.join(folder, rel)
-    files[rel] = [os.path.getsize(path), _sha256(path)]
+    files[rel] = [os.path.getsize(path), digest.sha256_file(path)]
   tmp = os.path.join(folder, MANIFEST + '.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump({'algorithm': 'sha256', 'files': files}, f)
@@ -87,14 +78,14 @@ def verify(folder: str) -> str | None:
   for top in sorted({rel.split(os.sep)[0] for rel in files if os.sep in rel}):
     if not os.path.isdir(os.path.join(folder, top)):
       return f'{top}/ missing'
-  for rel, (size, digest) in sorted(files.items()):
+  for rel, (size, want) in sorted(files.items()):
     p = os.path.join(folder, rel)
     if not os.path.exists(p):
       return f'{rel} missing'
     actual = os.path.getsize(p)
     if actual != size:
       return f'{rel} has {actual} of {size} bytes'
-    if _sha256(p) != digest:
+    if digest.sha256_file(p) != want:
       return f'{rel} does not match its checksum'
   return None
 

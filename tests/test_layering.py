@@ -22,6 +22,7 @@ LEAF = (
   'aacp_jax.version',
   'aacp_jax.modalities',
   'aacp_jax.errors',
+  'aacp_jax.digest',
   'aacp_jax.workdir',
   'aacp_jax.precision',
   'aacp_jax.augment_defaults',

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 import ctypes
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from typing import Any
 from array_record.python import array_record_module
 import numpy as np
 
-from aacp_jax import version
+from aacp_jax import digest, version
 from aacp_jax.data import records as rec
 from aacp_jax.errors import one_line
 
@@ -47,14 +46,6 @@ _READER_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'
 
 class ShardError(RuntimeError):
   """A shard or manifest that is missing, truncated or corrupt; the message is one line."""
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
 
 
 def shard_name(modality: str, index: int, count: int) -> str:
@@ -130,7 +121,7 @@ def _write_shard(path: str, payloads: Iterable[bytes], compression: str | None =
     'name': os.path.basename(path),
     'count': count,
     'bytes': os.path.getsize(path),
-    'sha256': _sha256(path),
+    'sha256': digest.sha256_file(path),
   }
 
 
@@ -351,7 +342,7 @@ class ShardSource:
       size = os.path.getsize(path)
       if size != f['bytes']:
         raise ShardError(f'{path}: size {size} bytes, manifest says {f["bytes"]} (truncated?)')
-      if verify and _sha256(path) != f['sha256']:
+      if verify and digest.sha256_file(path) != f['sha256']:
         raise ShardError(f'{path}: sha256 mismatch with manifest (corrupt)')
     self._readers: list[Any] = [None] * len(self._paths)
     self._lock = threading.Lock()
