@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from aacp_jax import digest
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import records as rec
 from aacp_jax.data import shards
@@ -180,7 +181,7 @@ def _finished(shard_path, sidecar, fingerprint):
     summary.get('fingerprint') != fingerprint
     or not os.path.exists(shard_path)
     or os.path.getsize(shard_path) != entry.get('bytes')
-    or shards._sha256(shard_path) != entry.get('sha256')
+    or digest.sha256_file(shard_path) != entry.get('sha256')
   ):  # pylint: disable=protected-access
     return None
   return summary
