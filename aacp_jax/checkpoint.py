@@ -205,6 +205,27 @@ class Checkpointer:
       sharding.barrier('aacp_rejected')
       self._mgr.reload()
 
+  def _newest_good(self, step, load):
+    """The newest candidate (all steps, or `step` alone) that verifies and that `load(step)`
+    restores to finite values (None: not finite): ((step, problem), value, skipped), or
+    (None, None, skipped); `skipped` lists (step, why) for every newer one that failed."""
+    skipped = []
+    for s, problem in self._candidates(step):
+      if problem not in (None, 'unverified'):
+        skipped.append((s, problem))
+        continue
+      try:
+        value = load(s)
+      except Exception as e:  # pylint: disable=broad-except
+        # orbax reports damage as bare Exception/KeyError/ValueError with pages of tree dump.
+        skipped.append((s, f'orbax: {errors.one_line(e, 160, with_type=True)}'))
+        continue
+      if value is None:
+        skipped.append((s, 'non-finite values in the state'))
+        continue
+      return (s, problem), value, skipped
+    return None, None, skipped
+
   def restore(self, abstract_state, data_iter=None, step=None):
     """Returns the newest state that verifies, restores and is finite (data_iter is restored in
     place), or None without one; newer steps that fail are moved to `rejected/`.
@@ -212,26 +233,21 @@ class Checkpointer:
     `abstract_state` (shapes, dtypes, shardings from `jax.eval_shape`) keeps optax's named tuples
     and places the arrays straight onto the mesh.
     """
-    skipped = []
-    for s, problem in self._candidates(step):
-      if problem not in (None, 'unverified'):
-        skipped.append((s, problem))
-        continue
-      try:
-        # The state first and alone: a step that fails leaves data_iter untouched.
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        state = self._mgr.restore(s, args=args)['state']
-        if not bool(_all_finite(state)):
-          skipped.append((s, 'non-finite values in the state'))
-          continue
-        if data_iter is not None:
-          args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
-          self._mgr.restore(s, args=args)
-      except Exception as e:  # pylint: disable=broad-except
-        # orbax reports damage as bare Exception/KeyError/ValueError with pages of tree dump.
-        skipped.append((s, f'orbax: {errors.one_line(e, 160, with_type=True)}'))
-        continue
-      self._announce((s, problem), skipped, move=step is None)
+
+    def load(s):
+      # The state first and alone: a step that fails leaves data_iter untouched.
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      state = self._mgr.restore(s, args=args)['state']
+      if not bool(_all_finite(state)):
+        return None
+      if data_iter is not None:
+        args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
+        self._mgr.restore(s, args=args)
+      return state
+
+    found, state, skipped = self._newest_good(step, load)
+    if found is not None:
+      self._announce(found, skipped, move=step is None)
       if step is None:
         self._reject(skipped)
       return state
@@ -253,26 +269,18 @@ class Checkpointer:
     item = {k: abstract_variables.get(k, {}) for k in ('params', 'batch_stats')}
     # NumPy arrays on the host: no device placement (and no sharding) to choose.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    skipped = []
-    for s, problem in self._candidates(step):
-      if problem not in (None, 'unverified'):
-        skipped.append((s, problem))
-        continue
-      try:
-        restored = self._mgr.restore(
-          s,
-          args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-          ),
-        )['state']
-      except Exception as e:  # pylint: disable=broad-except
-        skipped.append((s, f'orbax: {errors.one_line(e, 160, with_type=True)}'))
-        continue
-      if not all(np.isfinite(x).all() for x in jax.tree.leaves(restored)):
-        skipped.append((s, 'non-finite values in the state'))
-        continue
-      self._announce((s, problem), skipped, move=False)
-      return restored, s
+
+    def load(s):
+      args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      )
+      restored = self._mgr.restore(s, args=args)['state']
+      return restored if all(np.isfinite(x).all() for x in jax.tree.leaves(restored)) else None
+
+    found, restored, skipped = self._newest_good(step, load)
+    if found is not None:
+      self._announce(found, skipped, move=False)
+      return restored, found[0]
     if step is not None:
       raise ValueError(f'{self._step_dir(step)}: {skipped[0][1]}')
     if skipped:
