@@ -165,12 +165,7 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
   start = _align(_HEADER.size + meta_len)
   if start > len(data):
     _fail(where, 'payload', f'has a map of {meta_len} bytes in {size}')
-  try:
-    obj = msgpack.unpackb(memoryview(data)[_HEADER.size : _HEADER.size + meta_len], raw=False)
-  except Exception as e:  # pylint: disable=broad-except  # msgpack raises many unrelated types.
-    _fail(where, 'payload', f'is not valid msgpack ({type(e).__name__})')
-  if not isinstance(obj, dict):
-    _fail(where, 'payload', 'is not a map')
+  obj = _unpack_map(memoryview(data)[_HEADER.size : _HEADER.size + meta_len], where)
   record = {}
   for key, value in obj.items():
     if not isinstance(value, dict):
@@ -188,6 +183,17 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
   return record
 
 
+def _unpack_map(payload, where: str) -> dict:
+  """The record's msgpack map (both codec versions), or a one-line error."""
+  try:
+    obj = msgpack.unpackb(payload, raw=False)
+  except Exception as e:  # pylint: disable=broad-except  # msgpack raises many unrelated types.
+    _fail(where, 'payload', f'is not valid msgpack ({type(e).__name__})')
+  if not isinstance(obj, dict):
+    _fail(where, 'payload', 'is not a map')
+  return obj
+
+
 def _decode_v1(data: bytes, where: str) -> dict[str, Any]:
   if len(data) < _HEADER_V1.size:
     _fail(where, 'header', f'is truncated ({len(data)} bytes)')
@@ -197,12 +203,7 @@ def _decode_v1(data: bytes, where: str) -> dict[str, Any]:
     _fail(where, 'payload', f'is truncated or padded ({len(payload)} of {size} bytes)')
   if zlib.crc32(payload) != crc:
     _fail(where, 'payload', 'fails its CRC32 check (corrupt bytes)')
-  try:
-    obj = msgpack.unpackb(payload, raw=False)
-  except Exception as e:  # pylint: disable=broad-except  # msgpack raises many unrelated types.
-    _fail(where, 'payload', f'is not valid msgpack ({type(e).__name__})')
-  if not isinstance(obj, dict):
-    _fail(where, 'payload', 'is not a map')
+  obj = _unpack_map(payload, where)
   record = {}
   for key, value in obj.items():
     record[key] = _unpack_array(value, key, where) if isinstance(value, dict) else value
