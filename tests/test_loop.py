@@ -30,6 +30,21 @@ class Tiny(nn.Module):
     return nn.Dense(2)(x)
 
 
+def saved_variables(workdir):
+  """(params and batch_stats, step) of the newest good checkpoint of a `Tiny` run."""
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), every_steps=1, keep=1, async_save=False
+  )
+  try:
+    return ckpt.restore_variables(
+      jax.eval_shape(
+        lambda: Tiny().init(jax.random.key(0), inputs.dummy_inputs(('xray',), 32), train=False)
+      )
+    )
+  finally:
+    ckpt.close()
+
+
 def tiny_config(**overrides):
   c = pretrain.get_config('demo')
   c.modalities = ('xray',)
@@ -92,15 +107,7 @@ def test_nonfinite_step_between_log_steps_stops_the_run_naming_it(tmp_path):
   assert rows[10]['finite'] == 1.0  # step 10 itself was fine: only the counter tells
   assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '10'))
   # The saved state holds no update from the skipped step: all its parameters are finite.
-  restored = ckpt_lib.Checkpointer(
-    os.path.join(tmp_path, 'checkpoints'), every_steps=1, keep=1, async_save=False
-  )
-  variables, step = restored.restore_variables(
-    jax.eval_shape(
-      lambda: Tiny().init(jax.random.key(0), inputs.dummy_inputs(('xray',), 32), train=False)
-    )
-  )
-  restored.close()
+  variables, step = saved_variables(str(tmp_path))
   assert step == 10
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 

@@ -19,7 +19,7 @@ from aacp_jax.metrics import read_jsonl
 from aacp_jax.models import inputs
 from aacp_jax.train import loop
 from aacp_jax.train import state as state_lib
-from tests.test_loop import Tiny, tiny_config
+from tests.test_loop import Tiny, saved_variables, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 8
@@ -202,13 +202,5 @@ def test_lr_nan_stops_at_step_1_with_finite_parameters_and_reruns_keep_them(tmp_
   with pytest.raises(FloatingPointError, match=r'^step 2: .*the checkpoint of step 1 holds'):
     loop.train(config(), workdir, make_task(lr=float('nan')))
   assert steps_on_disk(workdir) == [1]
-  ckpt = ckpt_lib.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), every_steps=1, keep=1, async_save=False
-  )
-  variables, step = ckpt.restore_variables(
-    jax.eval_shape(
-      lambda: Tiny().init(jax.random.key(0), inputs.dummy_inputs(('xray',), 32), train=False)
-    )
-  )
-  ckpt.close()
+  variables, step = saved_variables(workdir)
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
