@@ -48,7 +48,18 @@ setuptools.setup(
     ],
     'eval': ['scikit-learn>=1.4', 'matplotlib>=3.8'],
     # pydicom-data: the radiographs the prep tests read (shipped files, nothing downloaded).
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'pydicom-data>=1.0', 'ruff>=0.6'],
+    'test': [
+      'pytest>=8',
+      'pytest-xdist>=3.5',
+      'pydicom-data>=1.0',
+      'ruff>=0.6',
+      # tests/test_notebook.py runs notebooks/evaluation.ipynb; test_eval_plots.py draws figures.
+      'nbclient>=0.10',
+      'nbformat>=5.9',
+      'ipykernel>=6.29',
+      'matplotlib>=3.8',
+      'scikit-learn>=1.4',
+    ],
     'gpu': ['jax[cuda12]>=0.4.35'],
     'tfds': ['tensorflow-datasets>=4.9.6'],
   },

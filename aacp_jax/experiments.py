@@ -14,21 +14,26 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from aacp_jax import methods
+from aacp_jax import methods, task_specs
 from aacp_jax.data import landmarks as landmarks_lib
-from aacp_jax.models import detector, inputs
+from aacp_jax.models import detector, finetune, inputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+  """make_dummy(config): the model's `init` input (default: a dict of every modality's zeros)."""
+
   name: str
   train_module: str
   build_model: Callable[[Any], Any]
+  make_dummy: Callable[[Any], Any] | None = None
 
   def module(self):
     return importlib.import_module(self.train_module)
 
   def dummy_inputs(self, config):
+    if self.make_dummy is not None:
+      return self.make_dummy(config)
     return inputs.dummy_inputs(config.modalities, config.data.image_size)
 
 
@@ -40,11 +45,23 @@ def _detector_model(config):
   return detector.build_detector(config.model, config.modalities, len(landmarks_lib.LANDMARKS))
 
 
+def _finetune_model(config):
+  task = task_specs.get(config.task)
+  return finetune.build_finetune_model(config.model, task.head, task.num_outputs)
+
+
+def _finetune_dummy(config):
+  # One modality's images as a plain array: the fine-tuning model has one encoder.
+  (modality,) = config.modalities
+  return inputs.dummy_inputs((modality,), config.data.image_size)[modality]
+
+
 EXPERIMENTS = {
   e.name: e
   for e in (
     Experiment('pretrain', 'aacp_jax.train.pretrain', _pretrain_model),
     Experiment('landmarks', 'aacp_jax.train.landmarks', _detector_model),
+    Experiment('finetune', 'aacp_jax.train.finetune', _finetune_model, _finetune_dummy),
   )
 }
 

@@ -17,3 +17,35 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'aacp_jax_test_jit_cache')
 )
+
+
+# The longest tests (minutes of compilation each on 2 cores) start first, one per xdist worker,
+# so the short ones fill in around them instead of one worker running them alone at the end.
+# scripts/test.sh passes --maxschedchunk=1: xdist would otherwise hand each worker the first
+# quarter of its share in one chunk, i.e. every slow test to the first worker. Each worker
+# holds two tests, so the slow ones alternate with short ones to land on different workers.
+SLOW_FIRST = (
+  'test_train_e2e.py::',
+  'test_step_sharded.py::',
+  'test_multiprocess.py::',
+  'test_inspect_bench.py::test_bench_step',
+  'test_landmarks_e2e.py::',
+  'test_notebook.py::test_notebook_runs',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    for i, name in enumerate(SLOW_FIRST):
+      if name in item.nodeid:
+        return i
+    return len(SLOW_FIRST)
+
+  slow = sorted((it for it in items if rank(it) < len(SLOW_FIRST)), key=rank)
+  rest = [it for it in items if rank(it) == len(SLOW_FIRST)]
+  head = []
+  for i, it in enumerate(slow):
+    head.append(it)
+    if i < len(rest):
+      head.append(rest[i])
+  items[:] = head + rest[len(slow) :]

@@ -412,3 +412,71 @@ def test_masks_resize_label_exact():
       ix = np.floor((np.arange(size) + 0.5) * m.shape[1] / size).astype(int)
       np.testing.assert_array_equal(out[b], m[iy][:, ix])
   assert set(np.unique(out)) <= {0, 3, 7}
+
+
+def _label_image(rng, hw):
+  """Blocky label map {0, 2, 5} (uint8) from a coarse random grid, upsampled by repetition."""
+  coarse = rng.choice(np.array([0, 2, 5], np.uint8), (hw[0] // 4 + 1, hw[1] // 4 + 1))
+  return np.repeat(np.repeat(coarse, 4, 0), 4, 1)[: hw[0], : hw[1]]
+
+
+def test_masks_move_exactly_with_the_image():
+  from aacp_jax.augment import spatial
+
+  rng = np.random.default_rng(12)
+  b, hw, level = 3, (32, 32), 40.0  # 5 * 40 < 255: X-ray's clip to [0, 1] leaves it alone
+  masks = np.stack([_label_image(rng, hw) for _ in range(b)])
+  images = level * masks[..., None].astype(np.float32)  # every channel = the label's value
+  lm = rng.uniform(0.2, 0.8, (b, K, 2)).astype(np.float32)
+  vis = np.ones((b, K), bool)
+  cfg = _spatial_only(1.0, **{'flip.p': 1.0})
+  key = jax.random.PRNGKey(4)
+  out = augment.augment_batch(key, images, lm, vis, 'xray', cfg, masks=masks)
+  plain = augment.augment_batch(key, images, lm, vis, 'xray', cfg)
+  assert len(out) == 4 and out[3].dtype == np.uint8 and out[3].shape == (b, *hw)
+  for x, y in zip(plain, out[:3]):  # the mask changes nothing else
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  warped = np.asarray(out[3])
+  assert set(np.unique(warped)) <= {0, 2, 5}
+  labels = np.asarray(out[0])[..., 0] * 255.0 / level  # bilinear image, in label units
+  for i, k in enumerate(jax.random.split(key, b)):
+    p = augment.sample_params(k, lm[i], vis[i], 'xray', cfg)
+    assert all(bool(p['fired'][op]) for op in ('crop', 'rotate', 'scale', 'flip', 'elastic'))
+    a, t = spatial.affine(p, hw)
+    ref = spatial.resample(masks[i][..., None], a, t, p['elastic'], np.uint8(0), order=0)
+    np.testing.assert_array_equal(warped[i], np.asarray(ref)[..., 0])
+    # Where the bilinear image is pure (all four corners one label) the mask holds that label, so
+    # each label's area agrees with the image's region up to the boundary (mixed) pixels.
+    pure = {lab: np.abs(labels[i] - lab) < 1e-3 for lab in (0, 2, 5)}
+    boundary = 1.0 - sum(m.mean() for m in pure.values())
+    assert boundary < 0.5
+    for lab, region in pure.items():
+      assert np.all(warped[i][region] == lab)
+      assert region.mean() <= (warped[i] == lab).mean() <= region.mean() + boundary
+
+
+def test_padded_masks_warp_like_the_record_alone():
+  rng = np.random.default_rng(13)
+  records = [_label_image(rng, hw)[..., None] for hw in ((12, 9), (5, 14))]
+  padded, extent = _padded(records, (12, 14))
+  images = 40.0 * padded.astype(np.float32)
+  lm = rng.uniform(0.2, 0.8, (2, K, 2)).astype(np.float32)
+  vis = np.ones((2, K), bool)
+  cfg = _spatial_only(1.0)
+  key = jax.random.PRNGKey(6)
+  batch = augment.augment_batch(
+    key, images, lm, vis, 'xray', cfg, extent=extent, out_size=8, masks=padded[..., 0]
+  )
+  b, k = 1, jax.random.split(key, 2)[1]
+  one = augment.augment_one(
+    k,
+    40.0 * records[b].astype(np.float32),
+    lm[b],
+    vis[b],
+    'xray',
+    cfg,
+    out_size=8,
+    mask=records[b][..., 0],
+  )
+  assert batch[-1].shape == (2, 8, 8) and one[-1].dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(one[-1]), np.asarray(batch[-1][b]))

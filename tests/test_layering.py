@@ -27,8 +27,15 @@ LEAF = (
   'aacp_jax.precision',
   'aacp_jax.augment_defaults',
   'aacp_jax.config_checks',
+  'aacp_jax.task_specs',
 )
-BASE = LEAF + ('aacp_jax.sharding', 'aacp_jax.metrics', 'aacp_jax.checkpoint', 'aacp_jax.losses')
+BASE = LEAF + (
+  'aacp_jax.sharding',
+  'aacp_jax.metrics',
+  'aacp_jax.checkpoint',
+  'aacp_jax.losses',
+  'aacp_jax.supervised_losses',
+)
 # group -> the groups its modules may import (a module may always import its own group).
 ALLOWED = {
   'leaf': ('leaf',),

@@ -131,8 +131,30 @@ def _out_shape(image, out_size):
   return tuple(image.shape[:2]) if out_size is None else (int(out_size), int(out_size))
 
 
+def _warp_mask(mask, a, t, ctrl, out_shape, extent):
+  # The image's resample with nearest sampling and fill 0: label-exact, in the mask's own dtype.
+  fill = jnp.zeros((), mask.dtype)
+  return spatial.resample(mask[..., None], a, t, ctrl, fill, out_shape, extent, order=0)[..., 0]
+
+
+def _check_masks(masks, images_shape):
+  if not jnp.issubdtype(masks.dtype, jnp.integer):
+    raise ValueError(f'masks: integer labels expected, got dtype {masks.dtype}')
+  if masks.shape != tuple(images_shape[:-1]):
+    raise ValueError(f'masks {masks.shape} do not match images {tuple(images_shape)}')
+
+
 def _apply_params(
-  params, image, landmarks, visible, modality, cfg, with_noise=True, extent=None, out_size=None
+  params,
+  image,
+  landmarks,
+  visible,
+  modality,
+  cfg,
+  with_noise=True,
+  extent=None,
+  out_size=None,
+  mask=None,
 ):
   # Order: one spatial resample on raw values (so CT air fills at -1000 HU) -> intensity
   # normalisation -> brightness, contrast, noise -> cutout (paper 3.5.3). Noise outside the hole
@@ -158,17 +180,35 @@ def _apply_params(
   lm, vis = spatial.move_landmarks(
     jnp.asarray(landmarks, precision.real()), jnp.asarray(visible, bool), a, t, ctrl, iters
   )
-  return x, lm, vis, a
+  if mask is None:  # statically: callers without masks trace exactly the program they always did
+    return x, lm, vis, a
+  return x, lm, vis, a, _warp_mask(mask, a, t, ctrl, out_shape, extent)
 
 
 def _augment_one(
-  key, image, landmarks, visible, modality, cfg, return_transform, extent=None, out_size=None
+  key,
+  image,
+  landmarks,
+  visible,
+  modality,
+  cfg,
+  return_transform,
+  extent=None,
+  out_size=None,
+  mask=None,
 ):
   params = _sample_params(key, landmarks, visible, modality, cfg)
   out = _apply_params(
-    params, image, landmarks, visible, modality, cfg, extent=extent, out_size=out_size
+    params, image, landmarks, visible, modality, cfg, extent=extent, out_size=out_size, mask=mask
   )
-  return out if return_transform else out[:3]
+  return _select(out, return_transform, mask is not None)
+
+
+def _select(out, return_transform, with_mask):
+  # (image, landmarks, visible, linear[, mask]) -> the public tuple: linear only when asked for,
+  # the mask always last.
+  head = out[:4] if return_transform else out[:3]
+  return head + (out[4],) if with_mask else head
 
 
 # Jitted with modality / cfg (and flags) static; the public wrappers freeze cfg so it hashes.
@@ -189,7 +229,7 @@ def sample_params(key, landmarks, visible, modality, cfg=None):
 
 
 def apply_params(
-  params, image, landmarks, visible, modality, cfg=None, *, extent=None, out_size=None
+  params, image, landmarks, visible, modality, cfg=None, *, extent=None, out_size=None, mask=None
 ):
   """Apply drawn params to one sample (H, W, C) raw float32.
 
@@ -197,7 +237,12 @@ def apply_params(
   the 2x2 part of the affine, mapping original-frame normalised vectors to augmented-frame ones
   (elastic ignored). `params` may be hand-made from `identity_params`. `extent` (2,): the
   record's valid (h, w) when `image` is padded; `out_size`: the output side (default: the input's).
+  `mask` (H, W) integer labels (padded like `image`): warped by the same transform with nearest
+  sampling (fill 0, same dtype) and appended last: (image, landmarks, visible, linear, mask).
   """
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _check_masks(mask, jnp.shape(image))
   return _apply_params_jit(
     params,
     image,
@@ -207,6 +252,7 @@ def apply_params(
     modality=modality,
     cfg=_frozen(cfg),
     out_size=out_size,
+    mask=mask,
   )
 
 
@@ -221,8 +267,13 @@ def augment_one(
   *,
   extent=None,
   out_size=None,
+  mask=None,
 ):
-  """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform]."""
+  """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform] [+ mask (S, S)
+  if `mask` (H, W) integer labels is given: same transform, nearest, fill 0, same dtype]."""
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _check_masks(mask, jnp.shape(image))
   return _augment_one_jit(
     key,
     image,
@@ -233,6 +284,7 @@ def augment_one(
     cfg=_frozen(cfg),
     return_transform=bool(return_transform),
     out_size=out_size,
+    mask=mask,
   )
 
 
@@ -253,7 +305,7 @@ def _add_noise_where_fired(images, params):
 
 @functools.partial(jax.jit, static_argnames=('modality', 'cfg', 'return_transform', 'out_size'))
 def _augment_batch(
-  key, images, landmarks, visible, extent, modality, cfg, return_transform, out_size
+  key, images, landmarks, visible, extent, modality, cfg, return_transform, out_size, masks=None
 ):
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(functools.partial(_sample_params, modality=modality, cfg=cfg))(
@@ -262,14 +314,22 @@ def _augment_batch(
   apply = functools.partial(
     _apply_params, modality=modality, cfg=cfg, with_noise=False, out_size=out_size
   )
-  if extent is None:
+  if masks is None and extent is None:
     out = jax.vmap(apply)(params, images, landmarks, visible)
-  else:
+  elif masks is None:
     out = jax.vmap(lambda p, x, lm, v, e: apply(p, x, lm, v, extent=e))(
       params, images, landmarks, visible, extent
     )
+  elif extent is None:
+    out = jax.vmap(lambda p, x, lm, v, m: apply(p, x, lm, v, mask=m))(
+      params, images, landmarks, visible, masks
+    )
+  else:
+    out = jax.vmap(lambda p, x, lm, v, e, m: apply(p, x, lm, v, extent=e, mask=m))(
+      params, images, landmarks, visible, extent, masks
+    )
   out = (_add_noise_where_fired(out[0], params),) + tuple(out[1:])
-  return out if return_transform else out[:3]
+  return _select(out, return_transform, masks is not None)
 
 
 def augment_batch(
@@ -283,6 +343,7 @@ def augment_batch(
   *,
   extent=None,
   out_size=None,
+  masks=None,
 ):
   """Augment a batch: images (B, H, W, C) raw float32, landmarks (B, K, 2), visible (B, K).
 
@@ -291,7 +352,13 @@ def augment_batch(
   an outer jit (e.g. the train step). Records of any size: `extent` (B, 2) int is each sample's
   valid (h, w) inside the padded `images` (the pipeline's 'extent'), and the views come out at
   `out_size`² (default: the input's size), resized within the same single resample.
+  `masks` (B, H, W) integer labels (padded like `images`): warped by each sample's same spatial
+  transform with nearest sampling (fill 0, input dtype, never touched by intensity ops) and
+  appended last: (images, landmarks, visible[, linear], masks).
   """
+  if masks is not None:
+    masks = jnp.asarray(masks)
+    _check_masks(masks, jnp.shape(images))
   return _augment_batch(
     key,
     jnp.asarray(images, precision.real()),
@@ -302,6 +369,7 @@ def augment_batch(
     _frozen(cfg),
     bool(return_transform),
     None if out_size is None else int(out_size),
+    masks,
   )
 
 

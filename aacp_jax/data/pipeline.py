@@ -29,7 +29,7 @@ BATCH_KEYS = TRAIN_KEYS + ('extent',)
 # Spatial arrays padded to the batch's common (H, W); the rest stack as they are.
 _PADDED = ('image', 'mask')
 # Bounded prefetch: the Grain default (500 elements) would hold gigabytes of CT host batches.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 def resize_image(image: np.ndarray, image_size: int, order: int = 1) -> np.ndarray:
@@ -62,7 +62,7 @@ def pad_hw(root: str, split: str, modality: str) -> tuple[int, int]:
   A split of one size has it in ``shapes``; mixed sizes need the maximum, which ``write_split``
   records as ``max_hw`` and data_prep as ``meta.stats[modality].image_hw.max``.
   """
-  hw, _ = _pad_info(root, split, modality)
+  hw, _ = pad_info(root, split, modality)
   if hw is None:
     raise ValueError(
       f'{root}/{split}/{modality}: records of several sizes and no maximum (max_hw) in the '
@@ -71,7 +71,7 @@ def pad_hw(root: str, split: str, modality: str) -> tuple[int, int]:
   return hw
 
 
-def _pad_info(root, split, modality):
+def pad_info(root, split, modality):
   """((H, W) or None when unknown, whether every record has exactly that size)."""
   manifest = shards.read_manifest(root, split)
   entry = manifest['modalities'].get(modality)
@@ -193,7 +193,7 @@ def pretrain_dataset(
       )
     ds = ds.shuffle(seed=_modality_seed(seed, modality)).repeat(num_epochs)
     ds = ds.map(_batch_arrays)
-    hw, fixed = _pad_info(root, split, modality)
+    hw, fixed = pad_info(root, split, modality)
     want = (pad_to or {}).get(modality)
     want = (int(want[0]), int(want[1])) if want else pad_hw(root, split, modality)
     pad = PadBatch(want, f'{root}/{split}/{modality}', extent=not fixed or want != hw)
@@ -234,7 +234,7 @@ def pretrain_loader(
     pad_to=pad_to,
     open_source=open_source,
   )
-  it_ds = ds.to_iter_dataset(_READ_OPTIONS)
+  it_ds = ds.to_iter_dataset(READ_OPTIONS)
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it_ds)
@@ -254,7 +254,8 @@ def load_split_arrays(
   resize: Callable | None = None,
 ) -> dict[str, np.ndarray]:
   """Every record of a split stacked: ``TRAIN_KEYS`` plus ``label`` (int32, -1 where a record has
-  none), ``subject`` (str) and, when every record has one, ``mask``, all at ``image_size``.
+  none), ``subject`` (str) and, when every record has one, ``labels`` (int8 multi-hot, -1
+  uncertain), ``target`` (float32) and ``mask``, all at ``image_size``.
 
   Records already at ``image_size`` are returned as stored. The others are resized by
   ``resize(images, extent, image_size, order)`` (padded raw batch -> (N, S, S, C); order 1 for
@@ -272,6 +273,11 @@ def load_split_arrays(
   out = {k: stack[k] for k in TRAIN_KEYS}
   out['label'] = np.asarray([int(r.get('label', -1)) for r in records], np.int32)
   out['subject'] = np.asarray([r['subject'] for r in records])
+  # Multi-label findings (CheXpert, MIMIC-CXR) and regression targets (bone age), when every
+  # record has them.
+  for key, dtype in (('labels', np.int8), ('target', np.float32)):
+    if all(key in r for r in records):
+      out[key] = np.stack([np.asarray(r[key], dtype) for r in records])
   masks = len(records) and all('mask' in r for r in records)
   if masks:
     out['mask'] = PadBatch(hw, where)([{'image': r['mask'][..., None]} for r in records])['image']

@@ -121,8 +121,10 @@ def next_batch(iterator, mesh):
   return sharding.to_global(next(iterator), mesh)
 
 
-def prepare_data(config, workdir: str) -> str:
-  """The shard root: config.data.root, or phantoms built (once, cached) inside the workdir."""
+def prepare_data(config, workdir: str, *, seed: int | None = None) -> str:
+  """The shard root: config.data.root, or phantoms built (once, cached) inside the workdir from
+  `seed` (default config.seed)."""
+  seed = config.seed if seed is None else int(seed)
   if config.data.root:
     if not os.path.isdir(config.data.root):
       raise ValueError(f'config.data.root={config.data.root}: no such directory')
@@ -130,10 +132,10 @@ def prepare_data(config, workdir: str) -> str:
   counts = {
     split: {m: int(n) for m in config.modalities} for split, n in config.data.phantoms.items()
   }
-  root = phantoms.default_root(workdir, config.seed, config.data.image_size, counts)
+  root = phantoms.default_root(workdir, seed, config.data.image_size, counts)
   # Every process writes the same deterministic files; only process 0 does, the rest wait.
   if jax.process_index() == 0:
-    phantoms.build(root, seed=config.seed, image_size=config.data.image_size, counts=counts)
+    phantoms.build(root, seed=seed, image_size=config.data.image_size, counts=counts)
   sharding.barrier('phantoms')
   return root
 

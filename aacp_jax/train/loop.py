@@ -35,7 +35,9 @@ class Task:
   model: a flax Module; dummy_inputs: its `init` images ({m: (B, H, W, C)}); tx, schedule: the
   optimiser and its learning rate by step (logged); loss_fn: `methods.base.LossFn`;
   total_steps: the run's length; schedules: step -> the loss's `scheduled` dict; init_extra,
-  after_update: a method's extra state and its post-update hook (`methods.base.Method`).
+  after_update: a method's extra state and its post-update hook (`methods.base.Method`);
+  initial_variables: fresh {'params', 'batch_stats'} (host arrays) -> the ones to start from
+  (a fine-tuning run's pretrained encoder), applied only when no checkpoint is resumed.
   """
 
   model: Any
@@ -47,6 +49,7 @@ class Task:
   schedules: Callable | None = None
   init_extra: Callable | None = None
   after_update: Callable | None = None
+  initial_variables: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -138,6 +141,14 @@ def _train(config, workdir: str, make_task, open_data) -> Trained:
     state = restored
     resumed_from = int(state.step)
     logging.info('Resumed from step %d in %s', resumed_from, ckpt.directory)
+  elif task.initial_variables is not None:
+    # Outside the jitted init: pretrained weights as jit constants would be compiled into it.
+    # Adam's moments start at zero whatever the parameters, so the optimiser state stays valid.
+    variables = task.initial_variables(jax.device_get(state.variables))
+    state = state.replace(
+      params=jax.device_put(variables['params'], shardings.params),
+      batch_stats=jax.device_put(variables['batch_stats'], shardings.batch_stats),
+    )
   start, total = int(state.step), task.total_steps
 
   step_fn = jax.jit(

@@ -1,0 +1,163 @@
+r"""Label efficiency: fine-tune each init on each task at each label fraction and seed, then one
+table of mean ± std over seeds with the 95 % patient-bootstrap CI of the seed mean.
+
+  python -m aacp_jax.train.label_efficiency --config=configs/finetune.py:demo \
+      --inits=pretrained=/tmp/aacp_demo,random=random --tasks=phantom_ct_cls,phantom_ct_seg \
+      --fractions=10,100 --seeds=0,1,2 --workdir=/tmp/aacp_label_eff
+
+Each cell (init, task, fraction, seed) is one fine-tuning run in `WORKDIR/<init>/<task>/
+f<fraction>/s<seed>`, all in this process (compiled programs are reused); a cell with an
+`eval.json` is read, not rerun, so an interrupted sweep resumes where it stopped. Writes
+`WORKDIR/rows.jsonl` (one row per cell and metric) and `WORKDIR/table.md`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import json
+import os
+import subprocess
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
+
+from aacp_jax import task_specs
+from aacp_jax.eval import bootstrap, dice, metrics
+from aacp_jax.train import finetune
+
+# The metric a table row reports for each task kind.
+PRIMARY = {
+  'binary': 'auroc',
+  'multiclass': 'auroc',
+  'multilabel': 'auroc',
+  'regression': 'mae',
+  'segmentation': 'dice',
+}
+
+
+def cell_dir(workdir, init_name, task, fraction, seed) -> str:
+  return os.path.join(workdir, init_name, task, f'f{fraction:g}', f's{seed}')
+
+
+def run_cell(base, workdir, init_name, init, task, fraction, seed) -> dict:
+  """eval.json's body for one cell, training it when it has none yet."""
+  path = cell_dir(workdir, init_name, task, fraction, seed)
+  done = os.path.join(path, 'eval.json')
+  if os.path.exists(done):
+    with open(done, encoding='utf-8') as f:
+      return json.load(f)
+  config = copy.deepcopy(base)
+  config.task, config.init, config.seed = task, init, int(seed)
+  config.data.fraction = float(fraction)
+  os.makedirs(path, exist_ok=True)
+  return finetune.run(config, path).results
+
+
+def _metric_fn(task):
+  if task.kind == 'segmentation':
+    fg = range(1, task.num_outputs)
+    return lambda y, s: float(np.mean([dice.dice_binary(s == c, y == c) for c in fg]))
+  if task.kind == 'regression':
+    return metrics.mae
+  if task.kind == 'binary':
+    return lambda y, s: metrics.auroc(y, s[:, 1])
+  if task.kind == 'multiclass':
+    return metrics.auroc_ovr
+  return metrics.auroc_multilabel
+
+
+def summarise(workdir, init_name, task_name, fraction, seeds, n_bootstrap=1000) -> dict:
+  """Mean ± std over seeds of the primary metric, and `bootstrap.seed_mean_ci` of that mean
+  (every seed scores the same test patients)."""
+  task = task_specs.get(task_name)
+  per_seed, scores, truth, groups = [], [], None, None
+  for s in seeds:
+    path = cell_dir(workdir, init_name, task_name, fraction, s)
+    with open(os.path.join(path, 'eval.json'), encoding='utf-8') as f:
+      per_seed.append(json.load(f)['metrics'][PRIMARY[task.kind]]['estimate'])
+    sc, truth, groups = finetune.load_test_arrays(path)
+    scores.append(sc)
+  ci = bootstrap.seed_mean_ci(_metric_fn(task), truth, scores, groups=groups, n=n_bootstrap)
+  return {
+    'init': init_name,
+    'task': task_name,
+    'fraction': float(fraction),
+    'metric': PRIMARY[task.kind],
+    'mean': float(np.mean(per_seed)),
+    'std': float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float('nan'),
+    'low': ci.low,
+    'high': ci.high,
+    'seeds': list(seeds),
+    'per_seed': per_seed,
+  }
+
+
+def table(summaries) -> str:
+  lines = [
+    '| task | init | labels | metric | mean ± std (seeds) | 95 % CI of the mean |',
+    '|---|---|---|---|---|---|',
+  ]
+  for r in summaries:
+    lines.append(
+      f'| {r["task"]} | {r["init"]} | {r["fraction"]:g} % | {r["metric"]} | '
+      f'{r["mean"]:.3f} ± {r["std"]:.3f} ({len(r["seeds"])}) | '
+      f'[{r["low"]:.3f}, {r["high"]:.3f}] |'
+    )
+  return '\n'.join(lines)
+
+
+def _commit() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+      ['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/finetune.py:demo', 'Base config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+_INITS = flags.DEFINE_list('inits', ['random=random'], 'name=init pairs.')
+_TASKS = flags.DEFINE_list('tasks', ['phantom_ct_cls'], 'Task names.')
+_FRACTIONS = flags.DEFINE_list('fractions', ['10', '100'], 'Label percents.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  inits = dict(item.split('=', 1) for item in _INITS.value)
+  fractions = [float(f) for f in _FRACTIONS.value]
+  seeds = [int(s) for s in _SEEDS.value]
+  workdir, t0 = _WORKDIR.value, time.perf_counter()
+  summaries = []
+  for task in _TASKS.value:
+    for name, init in inits.items():
+      for fraction in fractions:
+        for seed in seeds:
+          run_cell(_CONFIG.value, workdir, name, init, task, fraction, seed)
+        summaries.append(
+          summarise(workdir, name, task, fraction, seeds, _CONFIG.value.eval.bootstrap)
+        )
+  with open(os.path.join(workdir, 'rows.jsonl'), 'w', encoding='utf-8') as f:
+    for r in summaries:
+      f.write(json.dumps(r) + '\n')
+  stamp = datetime.date.today().isoformat()
+  footer = (
+    f'\n\n{stamp}, commit {_commit()}, {time.perf_counter() - t0:.0f} s in this invocation '
+    '(cells already done are read, not rerun).'
+  )
+  text = table(summaries) + footer
+  with open(os.path.join(workdir, 'table.md'), 'w', encoding='utf-8') as f:
+    f.write(text + '\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  functools.partial(app.run, main)()
