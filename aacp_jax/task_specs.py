@@ -91,7 +91,9 @@ def _phantom_tasks():
   return out
 
 
-_CHEXPERT = (
+# CheXpert's (and MIMIC-CXR's) 14 findings, in the labeller's column order; data_prep writes
+# `labels` in this order.
+CHEXPERT_LABELS = (
   'No Finding',
   'Enlarged Cardiomediastinum',
   'Cardiomegaly',
@@ -177,9 +179,9 @@ TASKS = {
       'chexpert',
       'xray',
       'multilabel',
-      len(_CHEXPERT),
+      len(CHEXPERT_LABELS),
       'chexpert',
-      class_names=_CHEXPERT,
+      class_names=CHEXPERT_LABELS,
       description='CheXpert 14 findings (uncertain labels by config.loss.uncertain)',
     ),
   ]

@@ -16,6 +16,7 @@ import os
 from absl import app, flags
 import numpy as np
 
+from aacp_jax import task_specs
 from data_prep import runner
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
@@ -23,23 +24,9 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
 MIN_SIDE = 16
 # A strip (e.g. a 1-row image, or rows and columns swapped in a raw export) is not a radiograph.
 MAX_ASPECT = 4.0
-# CheXpert and MIMIC-CXR label columns (the CheXpert labeller's 14 observations), in file order.
-CHEXPERT_LABELS = (
-  'No Finding',
-  'Enlarged Cardiomediastinum',
-  'Cardiomegaly',
-  'Lung Opacity',
-  'Lung Lesion',
-  'Edema',
-  'Consolidation',
-  'Pneumonia',
-  'Atelectasis',
-  'Pneumothorax',
-  'Pleural Effusion',
-  'Pleural Other',
-  'Fracture',
-  'Support Devices',
-)
+# CheXpert and MIMIC-CXR label columns (the CheXpert labeller's 14 observations), in file order:
+# the task table's, since the chexpert task reads what this writes.
+CHEXPERT_LABELS = task_specs.CHEXPERT_LABELS
 # The labeller writes 1.0 positive, 0.0 negative, -1.0 uncertain and leaves a blank when the report
 # does not mention the finding; blank reads as 0 (records.py: 0 = negative or not mentioned).
 _VALUE = {'1': 1, '1.0': 1, '0': 0, '0.0': 0, '-1': -1, '-1.0': -1, '': 0}

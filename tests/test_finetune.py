@@ -24,13 +24,7 @@ def tiny(task, **overrides):
   c.log_every_steps = 2
   c.checkpoint_every_steps = 6
   c.eval.bootstrap = 20
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return workdirs.override(c, **overrides)
 
 
 @pytest.fixture(scope='module')

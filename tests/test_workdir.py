@@ -16,6 +16,7 @@ from aacp_jax.data import phantoms as ph
 from aacp_jax.data import shards
 from aacp_jax.train import loop
 from configs import pretrain
+from tests import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,13 +25,7 @@ def small_config(**overrides):
   c = pretrain.get_config('demo')
   c.data.image_size = 32
   c.batch_size = 32
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return workdirs.override(c, **overrides)
 
 
 def old_run(tmp_path, **overrides):

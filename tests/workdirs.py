@@ -5,6 +5,17 @@ import os
 from configs import pretrain as pretrain_config
 
 
+def override(config, **overrides):
+  """config with dotted keys set (`override(c, **{'data.image_size': 32})`)."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def pretraining_workdir(path, root, modalities=('xray',)):
   """A pretraining workdir as a run leaves it (config.json and a checkpoint of the train state),
   with initialised weights: what an init reads, without compiling a pretraining step."""
