@@ -138,10 +138,15 @@ def _warp_mask(mask, a, t, ctrl, out_shape, extent):
 
 
 def _check_masks(masks, images_shape):
+  """masks as an array (None stays None), checked against the images' (..., H, W, C) shape."""
+  if masks is None:
+    return None
+  masks = jnp.asarray(masks)
   if not jnp.issubdtype(masks.dtype, jnp.integer):
     raise ValueError(f'masks: integer labels expected, got dtype {masks.dtype}')
   if masks.shape != tuple(images_shape[:-1]):
     raise ValueError(f'masks {masks.shape} do not match images {tuple(images_shape)}')
+  return masks
 
 
 def _apply_params(
@@ -240,9 +245,7 @@ def apply_params(
   `mask` (H, W) integer labels (padded like `image`): warped by the same transform with nearest
   sampling (fill 0, same dtype) and appended last: (image, landmarks, visible, linear, mask).
   """
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    _check_masks(mask, jnp.shape(image))
+  mask = _check_masks(mask, jnp.shape(image))
   return _apply_params_jit(
     params,
     image,
@@ -271,9 +274,7 @@ def augment_one(
 ):
   """One sample: (image, landmarks, visible) [+ linear (2, 2) if return_transform] [+ mask (S, S)
   if `mask` (H, W) integer labels is given: same transform, nearest, fill 0, same dtype]."""
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    _check_masks(mask, jnp.shape(image))
+  mask = _check_masks(mask, jnp.shape(image))
   return _augment_one_jit(
     key,
     image,
@@ -356,9 +357,7 @@ def augment_batch(
   transform with nearest sampling (fill 0, input dtype, never touched by intensity ops) and
   appended last: (images, landmarks, visible[, linear], masks).
   """
-  if masks is not None:
-    masks = jnp.asarray(masks)
-    _check_masks(masks, jnp.shape(images))
+  masks = _check_masks(masks, jnp.shape(images))
   return _augment_batch(
     key,
     jnp.asarray(images, precision.real()),

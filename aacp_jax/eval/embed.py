@@ -36,14 +36,22 @@ def embed(
   """
   # FrozenConfigDict is hashable, as jit's static arguments must be.
   cfg = ml_collections.FrozenConfigDict(aug_cfg)
+  fn = lambda chunk: _embed_batch(
+    variables, chunk, model=model, modality=modality, aug_cfg=cfg, key=key
+  )
+  return in_batches(fn, images, batch_size)
+
+
+def in_batches(fn, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """np.concatenate of fn(batch) over fixed-size batches of `images`; the last one is padded
+  (and the padding's outputs dropped), so a jitted `fn` compiles once per image shape."""
   outs = []
   for start in range(0, len(images), batch_size):
     chunk = images[start : start + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out = _embed_batch(variables, chunk, model=model, modality=modality, aug_cfg=cfg, key=key)
-    outs.append(np.asarray(out)[: batch_size - pad])
+    outs.append(np.asarray(fn(chunk))[: batch_size - pad])
   return np.concatenate(outs)
 
 

@@ -111,10 +111,11 @@ def draw(config, task, table: labelled.LabelTable) -> np.ndarray:
     return few_shot.draw_shots(
       table.strata, config.data.shots, seed=config.seed, subjects=table.subjects
     )
-  percent = float(config.data.fraction)
-  percent = int(percent) if percent == int(percent) else percent
   strata = table.strata if task.kind != 'regression' else np.zeros(len(table.subjects), int)
-  return fractions.draw_fractions(table.subjects, strata, [percent], seed=config.seed)[percent]
+  (indices,) = fractions.draw_fractions(
+    table.subjects, strata, [config.data.fraction], seed=config.seed
+  ).values()
+  return indices
 
 
 def open_data(config, workdir: str, mesh) -> LabelledData:
@@ -123,12 +124,9 @@ def open_data(config, workdir: str, mesh) -> LabelledData:
     raise ValueError(
       f'config.batch_size={config.batch_size}: not divisible by the {mesh.size} devices'
     )
-  if not config.data.root:
-    # The phantoms of a fine-tuning run are other subjects than those the encoders pretrained on
-    # (`data.phantom_seed`), and the same for every seed: seeds vary the draw, not the data.
-    root = inputs.prepare_data(config, workdir, seed=config.data.phantom_seed)
-  else:
-    root = inputs.prepare_data(config, workdir)
+  # Without data.root: phantoms of other subjects than those the encoders pretrained on
+  # (`data.phantom_seed`), the same for every seed: seeds vary the draw, not the data.
+  root = inputs.prepare_data(config, workdir, seed=config.data.phantom_seed)
   table = labelled.read_labels(root, config.data.fit_split, task)
   indices = draw(config, task, table)
   values = table.values[indices]
@@ -259,21 +257,10 @@ class Predictor:
       raise ValueError(
         f'task {self.task.name}: images of shape (N, H, W, {expect}) expected, got {images.shape}'
       )
-    outs, b = [], self.batch_size
-    for start in range(0, len(images), b):
-      chunk = images[start : start + b]
-      pad = b - len(chunk)
-      if pad:  # one compilation per image shape: the last batch is padded
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      logits = _logits(
-        self.variables,
-        chunk,
-        model=self.model,
-        modality=self.task.modality,
-        aug_cfg=self.aug_cfg,
-      )
-      outs.append(np.asarray(logits, np.float64)[: b - pad])
-    logits = np.concatenate(outs)
+    fn = lambda chunk: _logits(
+      self.variables, chunk, model=self.model, modality=self.task.modality, aug_cfg=self.aug_cfg
+    )
+    logits = embed_lib.in_batches(fn, images, self.batch_size).astype(np.float64)
     if self.task.kind == 'multilabel':
       return 1.0 / (1.0 + np.exp(-logits))
     if self.task.kind == 'regression':
@@ -286,6 +273,12 @@ def _pooled_dice(c):
   return lambda pred, truth: dice.dice_binary(np.isin(pred, c), np.isin(truth, c))
 
 
+def mean_foreground_dice(task):
+  """(pred, truth) -> the mean over foreground classes of pooled Dice ('dice')."""
+  fg = range(1, task.num_outputs)
+  return lambda pred, truth: float(np.mean([_pooled_dice((c,))(pred, truth) for c in fg]))
+
+
 def segmentation_metrics(pred, truth, task, *, groups, n_bootstrap, seed=0) -> dict:
   """Pooled Dice per foreground class and region, and their mean ('dice'), with patient CIs.
   Both empty counts as 1 (`eval.dice`)."""
@@ -296,9 +289,7 @@ def segmentation_metrics(pred, truth, task, *, groups, n_bootstrap, seed=0) -> d
     out[f'dice_{names[c]}'] = ci(_pooled_dice((c,)), pred, truth)
   for name, classes in task.regions:
     out[f'dice_{name}'] = ci(_pooled_dice(tuple(classes)), pred, truth)
-  fg = list(range(1, task.num_outputs))
-  mean = lambda p, t: float(np.mean([_pooled_dice((c,))(p, t) for c in fg]))
-  out['dice'] = ci(mean, pred, truth)
+  out['dice'] = ci(mean_foreground_dice(task), pred, truth)
   return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import functools
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from aacp_jax import task_specs
-from aacp_jax.eval import bootstrap, dice, metrics
+from aacp_jax.eval import bootstrap, metrics
 from aacp_jax.train import finetune
 
 # The metric a table row reports for each task kind.
@@ -59,8 +58,8 @@ def run_cell(base, workdir, init_name, init, task, fraction, seed) -> dict:
 
 def _metric_fn(task):
   if task.kind == 'segmentation':
-    fg = range(1, task.num_outputs)
-    return lambda y, s: float(np.mean([dice.dice_binary(s == c, y == c) for c in fg]))
+    dice_of = finetune.mean_foreground_dice(task)
+    return lambda y, s: dice_of(s, y)
   if task.kind == 'regression':
     return metrics.mae
   if task.kind == 'binary':
@@ -160,4 +159,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  functools.partial(app.run, main)()
+  app.run(main)
