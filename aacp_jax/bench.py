@@ -1,4 +1,5 @@
-"""Benchmarks, one JSON line per measurement: `python -m aacp_jax.bench {step,input,augment,soak}`.
+"""Benchmarks, one JSON line per measurement:
+`python -m aacp_jax.bench {step,input,augment,soak,finetune}`.
 
   step   for each of --variants (default full,minimal, applied on top of --config): compile
          seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
@@ -23,6 +24,12 @@
          uninterrupted run: per kill the steps, checkpoints and seconds lost and whether the
          resumed losses are bitwise the reference's; then a summary row (aacp_jax/soak.py).
          Needs --config.total_steps; --workdir holds both runs (default: a temp dir).
+
+  finetune
+         with --config=configs/finetune.py[:variants]: per task of --tasks (default one per head
+         kind: binary, multi-class, multi-label, regression, segmentation), compile seconds,
+         median train-step seconds and images/s, and the fitted predictor's images/s on host
+         images, on random inputs of the configured shapes (aacp_jax/finetune_bench.py).
 
 CT data preparation has its own command, `python -m data_prep.bench_prep` (flags --prep_*): the
 library never imports data_prep.
@@ -76,6 +83,7 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
   'step_rate', 0.0, '`input`: steps/s the demand is computed at (0: 4,000 samples/s / batch).'
 )
+flags.DEFINE_list('tasks', None, '`finetune`: task names (default: one per head kind).')
 flags.DEFINE_integer('soak_cycles', 10, '`soak`: kill -9 / resume cycles.')
 flags.DEFINE_integer('soak_seed', 0, '`soak`: seed of the kill moments.')
 flags.DEFINE_list(
@@ -497,6 +505,16 @@ def bench_soak(config):
   soak.run(config, config_argv, workdir, FLAGS.soak_cycles, FLAGS.soak_seed, _emit_host)
 
 
+def bench_finetune(config):
+  from aacp_jax import finetune_bench
+
+  if config.get('experiment') != 'finetune':
+    raise app.UsageError('bench finetune: --config must be configs/finetune.py[:variants]')
+  for task in FLAGS.tasks or finetune_bench.DEFAULT_TASKS:
+    row = finetune_bench.bench_task(config, task, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    _emit(**row, **peak_memory_bytes())
+
+
 def _emit_host(**row):
   print(json.dumps(row), flush=True)
 
@@ -507,6 +525,7 @@ def main(argv):
     'input': bench_input,
     'augment': bench_augment,
     'soak': bench_soak,
+    'finetune': bench_finetune,
   }
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')

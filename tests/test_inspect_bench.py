@@ -66,9 +66,17 @@ def test_flops_see_the_wider_ct_conv1():
   assert flops['mri'] > flops['xray'] > 0
 
 
-def run_bench(command, config='demo', extra=()):
-  """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config over 2 CPU devices;
-  returns every JSON row."""
+def run_bench(command, config='demo', extra=(), config_args=None):
+  """`python -m aacp_jax.bench COMMAND` on a tiny one-modality config (or `config_args`) over
+  2 CPU devices; returns every JSON row."""
+  config_args = config_args or [
+    f'--config=configs/pretrain.py:{config}',
+    "--config.modalities=('mri',)",
+    '--config.data.image_size=32',
+    '--config.model.width=4',
+    '--config.batch_size=16',
+    '--config.model.projector=(16,16,8)',
+  ]
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
@@ -80,12 +88,7 @@ def run_bench(command, config='demo', extra=()):
       '-m',
       'aacp_jax.bench',
       command,
-      f'--config=configs/pretrain.py:{config}',
-      "--config.modalities=('mri',)",
-      '--config.data.image_size=32',
-      '--config.model.width=4',
-      '--config.batch_size=16',
-      '--config.model.projector=(16,16,8)',
+      *config_args,
       '--steps=2',
       '--warmup=1',
       *extra,
@@ -116,6 +119,42 @@ def test_bench_step_full_and_minimal_side_by_side():
   assert ratio['inference_ratio'] == pytest.approx(
     full['median_inference_s'] / minimal['median_inference_s'], rel=0.01
   )
+
+
+def test_bench_finetune_one_row_per_task_head():
+  tiny = [
+    '--config=configs/finetune.py:demo',
+    '--config.data.image_size=32',
+    '--config.model.width=4',
+    '--config.batch_size=8',
+    '--config.eval.batch_size=4',
+    '--config.model.decoder_features=(16,8,8,8)',
+  ]
+  rows = run_bench(
+    'finetune', config_args=tiny, extra=('--tasks=phantom_xray_cls,phantom_xray_seg',)
+  )
+  assert [(r['task'], r['head']) for r in rows] == [
+    ('phantom_xray_cls', 'classify'),
+    ('phantom_xray_seg', 'segment'),
+  ]
+  for row in rows:
+    assert row['bench'] == 'finetune' and row['modality'] == 'xray' and row['image_size'] == 32
+    assert row['compile_s'] > 0 and row['inference_batch'] == 4
+    assert row['train_images_per_s'] == pytest.approx(8 / row['median_step_s'], rel=0.01)
+    assert row['inference_images_per_s'] == pytest.approx(4 / row['median_inference_s'], rel=0.01)
+
+
+def test_bench_finetune_needs_a_finetune_config():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+    [sys.executable, '-m', 'aacp_jax.bench', 'finetune', '--config=configs/pretrain.py:demo'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode != 0 and 'configs/finetune.py' in out.stderr
 
 
 def test_bench_augment_prints_json():

@@ -36,6 +36,13 @@ BASE = LEAF + (
   'aacp_jax.losses',
   'aacp_jax.supervised_losses',
 )
+COMMANDS = (
+  'aacp_jax.main',
+  'aacp_jax.bench',
+  'aacp_jax.inspect',
+  'aacp_jax.soak',
+  'aacp_jax.finetune_bench',
+)
 # group -> the groups its modules may import (a module may always import its own group).
 ALLOWED = {
   'leaf': ('leaf',),
@@ -94,7 +101,7 @@ def group(module: str) -> str:
     return 'base'
   if module in ('aacp_jax.restore', 'aacp_jax.experiments'):
     return 'registry'
-  if module in ('aacp_jax.main', 'aacp_jax.bench', 'aacp_jax.inspect', 'aacp_jax.soak'):
+  if module in COMMANDS:
     return 'commands'
   top = module.split('.')[:2]
   if top[0] in ('configs', 'data_prep'):

@@ -26,7 +26,7 @@ import numpy as np
 
 from aacp_jax import task_specs
 from aacp_jax.eval import bootstrap, metrics
-from aacp_jax.train import finetune
+from aacp_jax.train import finetune, inputs
 
 # The metric a table row reports for each task kind.
 PRIMARY = {
@@ -52,8 +52,24 @@ def run_cell(base, workdir, init_name, init, task, fraction, seed) -> dict:
   config = copy.deepcopy(base)
   config.task, config.init, config.seed = task, init, int(seed)
   config.data.fraction = float(fraction)
+  if not config.data.root:
+    # One phantom set in the sweep's workdir for every cell of a modality: cells differ in the
+    # draw and the init, not in the data, and building 256 phantoms per cell dominates a CPU cell.
+    resolved = finetune.resolve(config)
+    config.data.root = inputs.prepare_data(resolved, workdir, seed=resolved.data.phantom_seed)
   os.makedirs(path, exist_ok=True)
   return finetune.run(config, path).results
+
+
+def check_cells(base, inits: dict, tasks, fractions) -> None:
+  """Every (task, init, fraction) resolves and passes the run's checks, before the first cell
+  trains: a typo in the last task must not surface hours into a sweep."""
+  for task in tasks:
+    for init in inits.values():
+      for fraction in fractions:
+        config = copy.deepcopy(base)
+        config.task, config.init, config.data.fraction = task, init, float(fraction)
+        finetune.check_config(finetune.resolve(config))
 
 
 def _metric_fn(task):
@@ -113,50 +129,61 @@ def _commit() -> str:
   try:
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-      ['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True, text=True, check=True
+      ['git', 'describe', '--always', '--dirty', '--abbrev=7'],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      check=True,
     )
     return out.stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/finetune.py:demo', 'Base config.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
-_INITS = flags.DEFINE_list('inits', ['random=random'], 'name=init pairs.')
-_TASKS = flags.DEFINE_list('tasks', ['phantom_ct_cls'], 'Task names.')
-_FRACTIONS = flags.DEFINE_list('fractions', ['10', '100'], 'Label percents.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+def define_flags():
+  """The command's flags, defined only when it runs as one (`__main__`): importing the module
+  (tests, notebooks) must not claim `--config` in absl's global registry."""
+  config_flags.DEFINE_config_file('config', 'configs/finetune.py:demo', 'Base config.')
+  flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+  flags.DEFINE_list('inits', ['random=random'], 'name=init pairs.')
+  flags.DEFINE_list('tasks', ['phantom_ct_cls'], 'Task names.')
+  flags.DEFINE_list('fractions', ['10', '100'], 'Label percents.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  inits = dict(item.split('=', 1) for item in _INITS.value)
-  fractions = [float(f) for f in _FRACTIONS.value]
-  seeds = [int(s) for s in _SEEDS.value]
-  workdir, t0 = _WORKDIR.value, time.perf_counter()
+  f = flags.FLAGS
+  bad = [item for item in f.inits if '=' not in item]
+  if bad:
+    raise app.UsageError(f'--inits: expected name=INIT pairs, got {bad}')
+  inits = dict(item.split('=', 1) for item in f.inits)
+  fractions = [float(x) for x in f.fractions]
+  seeds = [int(x) for x in f.seeds]
+  workdir, base, t0 = f.workdir, f.config, time.perf_counter()
+  check_cells(base, inits, f.tasks, fractions)
   summaries = []
-  for task in _TASKS.value:
+  for task in f.tasks:
     for name, init in inits.items():
       for fraction in fractions:
         for seed in seeds:
-          run_cell(_CONFIG.value, workdir, name, init, task, fraction, seed)
-        summaries.append(
-          summarise(workdir, name, task, fraction, seeds, _CONFIG.value.eval.bootstrap)
-        )
-  with open(os.path.join(workdir, 'rows.jsonl'), 'w', encoding='utf-8') as f:
+          run_cell(base, workdir, name, init, task, fraction, seed)
+        summaries.append(summarise(workdir, name, task, fraction, seeds, base.eval.bootstrap))
+  with open(os.path.join(workdir, 'rows.jsonl'), 'w', encoding='utf-8') as out:
     for r in summaries:
-      f.write(json.dumps(r) + '\n')
+      out.write(json.dumps(r) + '\n')
   stamp = datetime.date.today().isoformat()
   footer = (
     f'\n\n{stamp}, commit {_commit()}, {time.perf_counter() - t0:.0f} s in this invocation '
     '(cells already done are read, not rerun).'
   )
   text = table(summaries) + footer
-  with open(os.path.join(workdir, 'table.md'), 'w', encoding='utf-8') as f:
-    f.write(text + '\n')
+  with open(os.path.join(workdir, 'table.md'), 'w', encoding='utf-8') as out:
+    out.write(text + '\n')
   print(text)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
