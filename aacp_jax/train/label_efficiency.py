@@ -162,7 +162,10 @@ def main(argv):
   fractions = [float(x) for x in f.fractions]
   seeds = [int(x) for x in f.seeds]
   workdir, base, t0 = f.workdir, f.config, time.perf_counter()
-  check_cells(base, inits, f.tasks, fractions)
+  try:
+    check_cells(base, inits, f.tasks, fractions)
+  except ValueError as e:  # bad input: one line, no traceback
+    raise SystemExit(f'label_efficiency: {e}') from None
   summaries = []
   for task in f.tasks:
     for name, init in inits.items():
