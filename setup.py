@@ -32,6 +32,7 @@ setuptools.setup(
     'scipy>=1.11',
     'tqdm>=4.66',
     'msgpack>=1.0',
+    'flatbuffers>=24',  # jax.export's serialize (aacp_jax.export --format=stablehlo)
     # CRC32C of every record (hardware-accelerated; the codec's checksum since record version 2).
     'google-crc32c>=1.5',
     # TF-free TensorBoard event writer (clu.metric_writers would import TensorFlow).

@@ -1,5 +1,5 @@
 """Benchmarks, one JSON line per measurement:
-`python -m aacp_jax.bench {step,input,augment,soak,finetune}`.
+`python -m aacp_jax.bench {step,input,augment,soak,finetune,infer}`.
 
   step   for each of --variants (default full,minimal, applied on top of --config): compile
          seconds, median train-step seconds, examples/s, median inference seconds (eval-mode
@@ -30,6 +30,11 @@
          kind: binary, multi-class, multi-label, regression, segmentation), compile seconds,
          median train-step seconds and images/s, and the fitted predictor's images/s on host
          images, on random inputs of the configured shapes (aacp_jax/finetune_bench.py).
+
+  infer  for each of --variants (as `step`): the eval-mode forward of every output on one device,
+         per modality, at batch 1 (latency ms per image) and at config.batch_size (images/s),
+         then an `infer_ratio` row, first variant over last (the paper: 23 vs 18 ms per image)
+         (aacp_jax/infer_bench.py).
 
 CT data preparation has its own command, `python -m data_prep.bench_prep` (flags --prep_*): the
 library never imports data_prep.
@@ -89,7 +94,7 @@ flags.DEFINE_integer('soak_seed', 0, '`soak`: seed of the kill moments.')
 flags.DEFINE_list(
   'variants',
   ['full', 'minimal'],
-  '`step`: configs/pretrain.py variants applied on top of --config, timed in turn.',
+  '`step`, `infer`: configs/pretrain.py variants applied on top of --config, timed in turn.',
 )
 
 
@@ -515,6 +520,14 @@ def bench_finetune(config):
     _emit(**row, **peak_memory_bytes())
 
 
+def bench_infer(config):
+  from aacp_jax import infer_bench
+
+  configs = [_variant_config(config, v) for v in FLAGS.variants]
+  for row in infer_bench.bench(configs, steps=FLAGS.steps, warmup=FLAGS.warmup):
+    _emit(**row, **({} if row['bench'] == 'infer_ratio' else peak_memory_bytes()))
+
+
 def _emit_host(**row):
   print(json.dumps(row), flush=True)
 
@@ -526,6 +539,7 @@ def main(argv):
     'augment': bench_augment,
     'soak': bench_soak,
     'finetune': bench_finetune,
+    'infer': bench_infer,
   }
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f'usage: python -m aacp_jax.bench {{{",".join(commands)}}} --config=...')

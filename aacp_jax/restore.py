@@ -17,7 +17,7 @@ import jax
 from aacp_jax import checkpoint as ckpt_lib
 from aacp_jax import experiments
 from aacp_jax import workdir as workdir_lib
-from aacp_jax.models import resnet
+from aacp_jax.models import resnet, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,8 @@ def load_variables(workdir: str, *, step: int | None = None) -> Restored:
 def encoder_variables(restored: Restored, modality: str):
   """(ResNet module, its variables) of one modality's encoder in a pretraining workdir: the
   backbone alone, as fine-tuning and feature extraction use it (`__call__(x, train)` gives
-  c2..c5 and 'pooled')."""
+  c2..c5 and 'pooled'). A ViT workdir (config.model.arch 'vit', e.g. MAE) gives (`vit.ViT`,
+  {'params', 'batch_stats': {}}) instead (`__call__(x)` gives 'tokens', 'grid' and 'pooled')."""
   model = restored.model
   name = f'encoder_{modality}'
   if name not in restored.variables['params']:
@@ -68,6 +69,9 @@ def encoder_variables(restored: Restored, modality: str):
       k[len('encoder_') :] for k in restored.variables['params'] if k.startswith('encoder_')
     )
     raise ValueError(f'modality {modality!r}: the restored model has encoders for {have}')
+  if restored.config.model.get('arch', 'resnet') == 'vit':
+    encoder = vit.ViT(vit.spec_from(restored.config.model.vit), model.dtype)
+    return encoder, {'params': restored.variables['params'][name], 'batch_stats': {}}
   channels = None if model.in_channels is None else model.in_channels.get(modality)
   encoder = resnet.ResNet(
     depth=model.depth,

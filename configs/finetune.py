@@ -62,6 +62,13 @@ def base_config():
   c.model.zero_init_residual = False
   c.model.dtype = 'bfloat16'
   c.model.decoder_features = (256, 128, 64, 32)  # segmentation decoder, strides 16..2
+  # 'resnet' (depth, width) or 'vit' (`vit`, ViT-B/16 here; the segmentation decoder then
+  # upsamples its token grid in log2(patch) stages at the last widths above); a pretraining init
+  # replaces both with its own (an MAE workdir: 'vit').
+  c.model.arch = 'resnet'
+  c.model.vit = ml_collections.ConfigDict(
+    dict(patch_size=16, depth=12, width=768, heads=12, mlp_dim=3072, pos_embed='sincos')
+  )
 
   c.loss = ml_collections.ConfigDict()
   c.loss.uncertain = 'ones'  # CheXpert's -1: 'ones' (U-Ones), 'zeros' or 'ignore'

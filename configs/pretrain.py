@@ -65,6 +65,24 @@ def base_config():
   # ROI attention on c4 (paper 3.4.1); its map attention-pools c5 into `features` (and so `z`).
   c.model.roi_attention = True
   c.model.roi_features = 64
+  # The encoder kind: 'resnet' (the settings above) or 'vit' (`model.vit`); '' = the method's own
+  # (mae: vit, every other: resnet), resolved by get_config so that config.json names it.
+  c.model.arch = ''
+  # ViT-B/16 (read when arch is 'vit'): fixed 2-D sin-cos positions as MAE ('learned' as timm).
+  c.model.vit = ml_collections.ConfigDict(
+    dict(patch_size=16, depth=12, width=768, heads=12, mlp_dim=3072, pos_embed='sincos')
+  )
+  # MAE (method=mae, aacp_jax/methods/mae.py; He et al. 2022): read only by that method. 75 % of
+  # the patches masked per sample; MSE on them against per-patch normalised pixels; a light
+  # decoder per modality; random resized crop (area, ratio) and a flip (X-ray only: the
+  # augmentation's symmetric modalities) as its only augmentation.
+  c.mae = ml_collections.ConfigDict()
+  c.mae.mask_ratio = 0.75
+  c.mae.norm_pix_loss = True
+  c.mae.decoder = ml_collections.ConfigDict(dict(depth=8, width=512, heads=16, mlp_dim=2048))
+  c.mae.crop_area = (0.2, 1.0)
+  c.mae.crop_ratio = (3 / 4, 4 / 3)
+  c.mae.flip_p = 0.5
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.07
@@ -112,6 +130,26 @@ def base_config():
   c.eval.batch_size = 128
   c.eval.bootstrap = 1000
   c.eval.l2 = 0.0  # Probe L2 strength; 0 = chosen by cross-validation on the fitting split.
+
+  # MoCo-v2 (method=moco_v2, aacp_jax/methods/moco_v2.py): read only by that method.
+  c.moco = ml_collections.ConfigDict()
+  c.moco.queue_size = 65536  # K keys per modality; a multiple of each modality's global batch
+  c.moco.momentum = 0.999  # key encoder EMA
+  c.moco.temperature = 0.2
+  c.moco.dim = 128  # MLP head output
+  c.moco.mlp_hidden = 0  # MLP head hidden width; 0 = the encoder's (2048 for ResNet-50)
+  # BatchNorm groups of each modality's global batch, the keys' groups shuffled (shuffle-BN):
+  # MoCo's per-GPU BN over 8 GPUs (docs/DESIGN.md, MoCo-v2).
+  c.moco.bn_groups = 8
+  # 'moco_v2': MoCo-v2's augmentation below (on the on-device ops); 'config': c.augment as is.
+  c.moco.augment = 'moco_v2'
+  c.moco.crop_area = (0.2, 1.0)  # random resized crop scale
+  c.moco.flip_p = 0.5
+  c.moco.jitter_p = 0.8  # brightness and contrast jitter, each with this probability
+  c.moco.brightness = 0.4  # additive, normalised units
+  c.moco.contrast = (0.6, 1.4)
+  c.moco.blur_p = 0.5
+  c.moco.blur_sigma = (0.1, 2.0)  # pixels at 224², scaled with the image size
   return c
 
 
@@ -131,11 +169,17 @@ def demo(c):
   c.model.fpn_channels = (16, 32, 64, 128)
   c.model.level_projector = (64, 32)
   c.model.roi_features = 16
+  # method=mae: a tiny ViT (2 blocks of 64, patch 8: 8x8 tokens at 64²) and decoder.
+  c.model.vit.update(dict(patch_size=8, depth=2, width=64, heads=4, mlp_dim=256))
+  c.mae.decoder.update(dict(depth=1, width=32, heads=4, mlp_dim=128))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 20
   c.loss.temperature = 0.1
   c.log_every_steps = 10
   c.checkpoint_every_steps = 50
+  # MoCo-v2 at demo size: a queue that fills in 64 steps, BN groups of 4-8.
+  c.moco.queue_size = 1024
+  c.moco.bn_groups = 4
 
 
 @_variant
@@ -211,6 +255,12 @@ def no_cross_modal(c):
   c.loss.cross_weight = 0.0
 
 
+@_variant
+def moco_v2(c):
+  """The MoCo-v2 baseline (c.moco settings; same as the `method=moco_v2` item)."""
+  c.method = 'moco_v2'
+
+
 # Table 6 rows in the paper's order ('simclr' is its 'Minimal (SimCLR-style)' row; 'minimal' is
 # section 1.3.3's components 1-3, the paper's 1.68x training-time reference).
 TABLE6 = (
@@ -232,5 +282,12 @@ def sweep():
   return sorted(VARIANTS)
 
 
+# The encoder kind of each method that does not use the ResNet (`model.arch` '').
+_METHOD_ARCH = {'mae': 'vit'}
+
+
 def get_config(arg=None):
-  return VARIANTS.apply(base_config(), arg)
+  c = VARIANTS.apply(base_config(), arg)
+  if not c.model.arch:
+    c.model.arch = _METHOD_ARCH.get(c.method, 'resnet')
+  return c

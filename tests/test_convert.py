@@ -11,6 +11,7 @@ import pytest
 from aacp_jax.models import convert
 from aacp_jax.models.encoders import AACPModel
 from aacp_jax.models.resnet import DEPTHS, ResNet
+from tests import torch_resnet
 
 
 def _target(model, channels, size=32):
@@ -196,80 +197,8 @@ def test_file_loaders(tmp_path):
 # ---- torch oracle: a torchvision-layout ResNet built from torch.nn (torchvision is not installed) ----
 
 
-def _torch_resnet(torch, depth, num_classes, width=64):
-  nn = torch.nn
-  kind, blocks = DEPTHS[depth]
-  expansion = 1 if kind == 'basic' else 4
-
-  class Block(nn.Module):
-    def __init__(self, inplanes, planes, stride):
-      super().__init__()
-      if kind == 'basic':
-        specs = [(inplanes, planes, 3, stride), (planes, planes, 3, 1)]
-      else:  # v1.5: stride on the 3x3
-        specs = [(inplanes, planes, 1, 1), (planes, planes, 3, stride), (planes, planes * 4, 1, 1)]
-      for i, (ci, co, k, s) in enumerate(specs, 1):
-        setattr(self, f'conv{i}', nn.Conv2d(ci, co, k, s, k // 2, bias=False))
-        setattr(self, f'bn{i}', nn.BatchNorm2d(co))
-      self.n = len(specs)
-      self.relu = nn.ReLU()
-      out = planes * expansion
-      self.downsample = None
-      if stride != 1 or inplanes != out:
-        self.downsample = nn.Sequential(
-          nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-        )
-
-    def forward(self, x):
-      y = x
-      for i in range(1, self.n + 1):
-        y = getattr(self, f'bn{i}')(getattr(self, f'conv{i}')(y))
-        if i < self.n:
-          y = self.relu(y)
-      return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-  class Net(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(width)
-      self.relu = nn.ReLU()
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-      inplanes = width
-      for s, n in enumerate(blocks):
-        layers = []
-        for i in range(n):
-          planes = width * 2**s
-          layers.append(Block(inplanes, planes, 2 if (s > 0 and i == 0) else 1))
-          inplanes = planes * expansion
-        setattr(self, f'layer{s + 1}', nn.Sequential(*layers))
-      self.avgpool = nn.AdaptiveAvgPool2d(1)
-      self.fc = nn.Linear(inplanes, num_classes)
-
-    def forward(self, x):
-      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-      for s in range(1, 5):
-        x = getattr(self, f'layer{s}')(x)
-      return self.fc(torch.flatten(self.avgpool(x), 1))
-
-  return Net()
-
-
-def _randomise_bn(torch, net):
-  """Random BN affine params and running stats, so eval mode is a non-trivial test of the import.
-
-  (Running stats taken from a real 2 x 32 x 32 batch are degenerate: layer4 is 1 x 1, two samples.)
-  """
-  g = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-  return net.eval()
+# The builder lives in tests/torch_resnet.py, shared with tests/test_export.py.
+_torch_resnet, _randomise_bn = torch_resnet.torch_resnet, torch_resnet.randomise_bn
 
 
 @pytest.mark.parametrize('depth', [18, 50])

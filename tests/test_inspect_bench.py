@@ -176,3 +176,19 @@ def test_bench_input_real_size_shards_beside_the_demand(tmp_path):
   assert row['step_rate'] == 250.0 and row['demand_records_per_s'] == 4000.0
   assert row['supply_over_demand'] == pytest.approx(row['records_per_s'] / 4000, rel=0.01)
   assert row['h2d_bytes_per_step'] >= 16 * 40 * 30 * 3 * 2
+
+
+def test_bench_infer_full_and_minimal_per_image():
+  full, minimal, ratio = run_bench('infer')  # default --variants=full,minimal
+  for row, variant in ((full, 'demo,full'), (minimal, 'demo,minimal')):
+    assert row['bench'] == 'infer' and row['variant'] == variant and row['modalities'] == ['mri']
+    assert row['infer_devices'] == 1 and row['batch_size'] == 16 and row['compile_s'] > 0
+    assert row['latency_ms_per_image'] == row['latency_ms_mri'] > 0
+    assert row['images_per_s'] == row['images_per_s_mri'] > 0
+  assert ratio['bench'] == 'infer_ratio' and ratio['variants'] == 'demo,full/demo,minimal'
+  assert ratio['latency_ratio'] == pytest.approx(
+    full['latency_ms_per_image'] / minimal['latency_ms_per_image'], rel=0.01
+  )
+  assert ratio['batch_time_ratio'] == pytest.approx(
+    minimal['images_per_s'] / full['images_per_s'], rel=0.01
+  )

@@ -41,6 +41,9 @@ def test_summary_is_the_mean_and_std_over_seeds_with_a_patient_ci(tmp_path):
   text = le.table([row])
   assert '| phantom_ct_cls | random | 10 % | auroc |' in text
   assert f'{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f} (3)' in text
+  png = tmp_path / 'le.png'
+  le.plot([row, {**row, 'init': 'pretrained', 'fraction': 100.0}], str(png), note='test')
+  assert png.stat().st_size > 0
 
 
 def test_cells_share_one_phantom_root_and_done_cells_are_read(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ COMMANDS = (
   'aacp_jax.inspect',
   'aacp_jax.soak',
   'aacp_jax.finetune_bench',
+  'aacp_jax.infer_bench',
+  'aacp_jax.export',
 )
 # group -> the groups its modules may import (a module may always import its own group).
 ALLOWED = {

@@ -20,6 +20,8 @@ to the RGB image (g, g, g), and activation scale is preserved for any C (the usu
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -219,3 +221,130 @@ def load_torchvision_encoder(
   sub = {c: variables[c][name] for c in ('params', 'batch_stats')}
   loaded = load_torchvision_resnet(sub, state_dict, prefix=prefix)
   return {**variables, **{c: {**variables[c], name: loaded[c]} for c in ('params', 'batch_stats')}}
+
+
+# ---- the other way: Flax ResNet -> torchvision state dict -> .safetensors ----
+
+_BN_TORCH = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias'}
+_BN_TORCH.update({('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'})
+
+
+# The modules of a torchvision ResNet as flax names: stem, blocks, classifier.
+_RESNET_MODULE = re.compile(
+  r'(conv1|bn1|fc|layer[1-4]_\d+/(conv[1-3]|bn[1-3]|downsample_(conv|bn)))'
+)
+
+
+def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+  """(collection, flax path) -> torch key: the inverse of `_flax_path`."""
+  *mods, leaf = path
+  if not _RESNET_MODULE.fullmatch('/'.join(mods)):
+    raise ValueError(f'{collection}/{"/".join(path)}: not a leaf of a torchvision ResNet')
+  parts: list[str] = []
+  for m in mods:
+    stage, _, block = m.partition('_')
+    if stage.startswith('layer') and block.isdigit():
+      parts += [stage, block]
+    elif m in ('downsample_conv', 'downsample_bn'):
+      parts += ['downsample', '0' if m == 'downsample_conv' else '1']
+    else:
+      parts.append(m)
+  name = mods[-1] if mods else ''
+  if name.startswith('bn') or name == 'downsample_bn':
+    torch_leaf = _BN_TORCH.get((collection, leaf))
+  elif collection == 'params':
+    torch_leaf = {'kernel': 'weight', 'bias': 'bias'}.get(leaf)
+  else:
+    torch_leaf = None
+  if torch_leaf is None:
+    raise ValueError(f'{collection}/{"/".join(path)}: not a leaf of a torchvision ResNet')
+  return '.'.join(parts + [torch_leaf])
+
+
+def flax_to_torchvision(
+  variables: Mapping[str, Any], *, num_batches_tracked: int = 0
+) -> dict[str, np.ndarray]:
+  """A `resnet.ResNet`'s {'params', 'batch_stats'} -> torchvision's flat state dict (NumPy).
+
+  The inverse of `torchvision_to_flax`: conv HWIO -> OIHW, `fc` (in, out) -> (out, in), BN
+  scale/bias -> weight/bias, mean/var -> running_mean/running_var, plus the
+  `num_batches_tracked` counter torch keeps per BN (int64; torch's eval ignores it). conv1 keeps
+  its own input channels (64 for CT, 1 for X-ray): nothing is adapted on the way out. Values keep
+  their dtype and bits, so export -> `load_torchvision_resnet` is the identity.
+  """
+  out: dict[str, np.ndarray] = {}
+  for collection in ('params', 'batch_stats'):
+    for path, value in sorted(_flatten(variables.get(collection, {})).items()):
+      key = _torch_key(collection, path)
+      value = np.asarray(value)
+      if value.ndim == 4:  # conv HWIO -> OIHW
+        value = value.transpose(3, 2, 0, 1)
+      elif value.ndim == 2:  # linear (in, out) -> (out, in)
+        value = value.T
+      out[key] = np.ascontiguousarray(value)
+      if key.endswith('.running_mean'):
+        counter = key[: -len('running_mean')] + 'num_batches_tracked'
+        out[counter] = np.array(num_batches_tracked, np.int64)
+  return out
+
+
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def _st_dtype(name: str, value: np.ndarray) -> str:
+  if value.dtype.name == 'bfloat16':
+    return 'BF16'
+  if value.dtype.newbyteorder('=') not in _ST_NAMES:
+    raise ValueError(f'tensor {name!r}: dtype {value.dtype} has no safetensors name')
+  return _ST_NAMES[value.dtype.newbyteorder('=')]
+
+
+def save_safetensors(
+  path: str, state_dict: StateDict, metadata: Mapping[str, str] | None = None
+) -> None:
+  """Writes a flat state dict as `.safetensors` (the format `load_safetensors` reads), NumPy only.
+
+  Tensors are laid out in key order, little-endian; `metadata` (strings only, as the format
+  requires) goes to `__metadata__`. The header is padded with spaces to a multiple of 8 bytes, as
+  the reference writer does, so every tensor starts 8-byte aligned. The file appears whole or not
+  at all (written beside it, then renamed).
+  """
+  metadata = dict(metadata or {})
+  for k, v in metadata.items():
+    if not isinstance(k, str) or not isinstance(v, str):
+      raise ValueError(f'{path}: safetensors metadata must be strings, got {k!r}: {v!r}')
+  header: dict[str, Any] = {'__metadata__': metadata} if metadata else {}
+  blobs, offset = [], 0
+  for name in sorted(state_dict):
+    value = np.asarray(state_dict[name])
+    dtype = _st_dtype(name, value)
+    if value.dtype.byteorder == '>':
+      value = value.astype(value.dtype.newbyteorder('<'))
+    blob = np.ascontiguousarray(value).tobytes()
+    header[name] = {
+      'dtype': dtype,
+      'shape': list(value.shape),
+      'data_offsets': [offset, offset + len(blob)],
+    }
+    blobs.append(blob)
+    offset += len(blob)
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-(8 + len(text)) % 8)
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(len(text).to_bytes(8, 'little'))
+      f.write(text)
+      for blob in blobs:
+        f.write(blob)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  """The `__metadata__` strings of a `.safetensors` file ({} when it has none)."""
+  with open(path, 'rb') as f:
+    n = int.from_bytes(f.read(8), 'little')
+    return dict(json.loads(f.read(n)).get('__metadata__', {}))

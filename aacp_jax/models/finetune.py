@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from aacp_jax import precision
-from aacp_jax.models import resnet
+from aacp_jax.models import resnet, vit
 from aacp_jax.models.layers import batch_norm, compute_dtype, param_dtype
 
 HEADS = ('classify', 'segment')
+ARCHS = ('resnet', 'vit')
 # The decoder reads c5 (stride 32); with sizes divisible by 32 every upsampled map lines up with
 # its skip exactly, without crops or pads.
 STRIDE = 32
@@ -67,7 +68,7 @@ class UNetDecoder(nn.Module):
 
 
 class FineTuneModel(nn.Module):
-  """ResNet encoder + head for fine-tuning.
+  """ResNet (or ViT) encoder + head for fine-tuning.
 
   Attributes:
     depth, width, dtype, zero_init_residual: the encoder's (`resnet.ResNet`).
@@ -75,10 +76,14 @@ class FineTuneModel(nn.Module):
       'segment' (`decoder` = `UNetDecoder` on c2..c5, then a 1x1 conv `head`).
     num_outputs: classes, or 1 for regression / binary with one logit.
     decoder_features: decoder widths at strides 16, 8, 4, 2 (segment only).
+    arch: 'resnet' (the above) or 'vit' (`vit_spec`: a `vit.ViT` named `encoder`, as an MAE
+      workdir's `restore.encoder_variables`; 'classify' reads the mean of its patch tokens,
+      'segment' runs `vit.TokenDecoder` on its token grid up to full resolution, then the 1x1
+      conv `head`; depth, width and zero_init_residual are then unused).
 
   `__call__(x (B, H, W, C), train)` -> {'logits': (B, num_outputs) or (B, H, W, num_outputs)
   float32, 'features': (B, F) float32 pooled encoder features}. The segmentation head needs H and
-  W divisible by 32. Params float32 whatever the compute dtype.
+  W divisible by 32 (ViT: by the patch size). Params float32 whatever the compute dtype.
   """
 
   depth: int = 50
@@ -88,11 +93,15 @@ class FineTuneModel(nn.Module):
   head: str = 'classify'
   num_outputs: int = 2
   decoder_features: Sequence[int] = (256, 128, 64, 32)
+  arch: str = 'resnet'
+  vit_spec: vit.Spec = vit.Spec()
 
   @nn.compact
   def __call__(self, x, train: bool) -> dict:
     if self.head not in HEADS:
       raise ValueError(f'head={self.head!r}: expected one of {HEADS}')
+    if self.arch == 'vit':
+      return self._vit(x, train)
     if self.head == 'segment' and (x.ndim != 4 or x.shape[1] % STRIDE or x.shape[2] % STRIDE):
       raise ValueError(
         f'segment head: input size {tuple(x.shape[1:3])} must be divisible by {STRIDE}'
@@ -119,6 +128,24 @@ class FineTuneModel(nn.Module):
       logits = _upsample(y, 2)
     return {'logits': precision.upcast(logits), 'features': features}
 
+  def _vit(self, x, train: bool) -> dict:
+    # A plain ViT has one map (the stride-p token grid), so the decoder upsamples it alone; a
+    # pyramid from intermediate blocks (ViTDet, UNETR) would add choices without a skip finer
+    # than stride p to feed it.
+    out = vit.ViT(self.vit_spec, self.dtype, name='encoder')(x)
+    features = out['pooled']
+    real = param_dtype(self.dtype)
+    if self.head == 'classify':
+      logits = nn.Dense(self.num_outputs, dtype=real, param_dtype=real, name='head')(features)
+    else:
+      y = vit.TokenDecoder(
+        self.vit_spec.patch_size, self.decoder_features, self.dtype, name='decoder'
+      )(out['grid'], train)
+      logits = nn.Conv(self.num_outputs, (1, 1), dtype=real, param_dtype=real, name='head')(
+        precision.upcast(y)
+      )
+    return {'logits': precision.upcast(logits), 'features': features}
+
 
 def _read(cfg, key, default=None, required=False):
   # ConfigDict and plain dicts alike.
@@ -132,9 +159,26 @@ def _read(cfg, key, default=None, required=False):
 
 def build_finetune_model(model_cfg, head: str, num_outputs: int) -> FineTuneModel:
   """FineTuneModel from a config block with `depth, width, dtype ('float32'|'bfloat16')` and
-  optional `zero_init_residual` (False), `decoder_features` ((256, 128, 64, 32))."""
+  optional `zero_init_residual` (False), `decoder_features` ((256, 128, 64, 32)); with
+  `arch='vit'`, `dtype`, `vit` (`vit.spec_from`) and optional `decoder_features` instead."""
   if head not in HEADS:
     raise ValueError(f'head={head!r}: expected one of {HEADS}')
+  arch = _read(model_cfg, 'arch', 'resnet')
+  if arch not in ARCHS:
+    raise ValueError(f'config.model.arch={arch!r}: expected one of {ARCHS}')
+  if arch == 'vit':
+    return FineTuneModel(
+      dtype=compute_dtype(_read(model_cfg, 'dtype', required=True)),
+      head=head,
+      num_outputs=int(num_outputs),
+      decoder_features=tuple(
+        int(f) for f in _read(model_cfg, 'decoder_features', (256, 128, 64, 32))
+      ),
+      arch='vit',
+      vit_spec=vit.check_spec(
+        vit.spec_from(_read(model_cfg, 'vit', required=True)), 'config.model.vit'
+      ),
+    )
   return FineTuneModel(
     depth=resnet.check_depth(_read(model_cfg, 'depth', required=True)),
     width=int(_read(model_cfg, 'width', required=True)),

@@ -2,7 +2,8 @@
 
 - 'random': the model's own initialisation (He-normal convolutions, as torchvision).
 - a pretraining workdir (any method): the task modality's encoder from its `config.json` and
-  newest checkpoint that verifies (`restore.load_variables`); depth and width are the workdir's.
+  newest checkpoint that verifies (`restore.load_variables`); depth and width are the workdir's,
+  and so is the encoder kind (`model.arch`: 'resnet', or 'vit' with its `model.vit`, e.g. MAE).
 - 'imagenet:PATH': torchvision/timm ResNet weights (.npz or .safetensors) on disk, through
   `models/convert.py` (conv1 adapted to CT's 64 and X-ray's 1 channel). Nothing is downloaded.
 
@@ -53,7 +54,10 @@ def encoder_config(init: str, modality: str) -> dict:
       f'config.init={init}: the workdir has encoders for {list(mods)}, the task needs {modality!r}'
     )
   model = pre.model
+  if model.get('arch', 'resnet') == 'vit':
+    return {'arch': 'vit', 'vit': model.vit.to_dict()}
   return {
+    'arch': 'resnet',
     'depth': int(model.depth),
     'width': int(model.width),
     'zero_init_residual': bool(model.get('zero_init_residual', False)),
@@ -84,7 +88,8 @@ def initial_variables(init: str, modality: str):
     return None
 
   def load(fresh):
-    enc = {c: fresh[c]['encoder'] for c in ('params', 'batch_stats')}
+    # A ViT has no BatchNorm: no 'encoder' among the batch statistics (and none to load).
+    enc = {c: fresh[c].get('encoder', {}) for c in ('params', 'batch_stats')}
     if how == 'workdir':
       restored = restore.load_variables(init)
       _, loaded = restore.encoder_variables(restored, modality)
@@ -103,6 +108,9 @@ def initial_variables(init: str, modality: str):
     _check_fits(loaded, enc, where)
     cast = lambda new, old: np.asarray(new, np.asarray(old).dtype)
     loaded = jax.tree.map(cast, loaded, enc)
-    return {c: {**fresh[c], 'encoder': loaded[c]} for c in ('params', 'batch_stats')}
+    return {
+      c: {**fresh[c], 'encoder': loaded[c]} if 'encoder' in fresh[c] else fresh[c]
+      for c in ('params', 'batch_stats')
+    }
 
   return load

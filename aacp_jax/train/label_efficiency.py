@@ -125,6 +125,28 @@ def table(summaries) -> str:
   return '\n'.join(lines)
 
 
+def plot(summaries, path: str, note: str = '') -> None:
+  """Fig. 3's layout: per task, the primary metric against the fraction (log x), one line per
+  init, the band the 95 % patient-bootstrap CI of the seed mean. Needs matplotlib (`.[eval]`)."""
+  from aacp_jax.eval import plots
+
+  rows = [
+    {
+      'method': r['init'],
+      'task': r['task'],
+      'fraction': r['fraction'],
+      'metric': r['metric'],
+      'value': r['mean'],
+      'low': r['low'],
+      'high': r['high'],
+    }
+    for r in summaries
+  ]
+  for metric in dict.fromkeys(r['metric'] for r in rows):
+    name = path if len({r['metric'] for r in rows}) == 1 else path.replace('.png', f'_{metric}.png')
+    plots.label_efficiency(rows, path=name, metric=metric, note=note)
+
+
 def _commit() -> str:
   try:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -176,15 +198,19 @@ def main(argv):
   with open(os.path.join(workdir, 'rows.jsonl'), 'w', encoding='utf-8') as out:
     for r in summaries:
       out.write(json.dumps(r) + '\n')
-  stamp = datetime.date.today().isoformat()
+  stamp, commit = datetime.date.today().isoformat(), _commit()
   footer = (
-    f'\n\n{stamp}, commit {_commit()}, {time.perf_counter() - t0:.0f} s in this invocation '
+    f'\n\n{stamp}, commit {commit}, {time.perf_counter() - t0:.0f} s in this invocation '
     '(cells already done are read, not rerun).'
   )
   text = table(summaries) + footer
   with open(os.path.join(workdir, 'table.md'), 'w', encoding='utf-8') as out:
     out.write(text + '\n')
   print(text)
+  try:
+    plot(summaries, os.path.join(workdir, 'label_efficiency.png'), note=f'{stamp}, commit {commit}')
+  except ImportError as e:  # matplotlib is the `eval` extra; the table is the result
+    print(f'label_efficiency.png not drawn ({e}); pip install -e .[eval] for the figure')
 
 
 if __name__ == '__main__':
