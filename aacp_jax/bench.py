@@ -149,7 +149,13 @@ def _setup(config):
   model = method.build_model(config)
   tx, schedule = state_lib.make_optimizer(config.optim, 1000)
   state, shardings = state_lib.create_state(
-    model, tx, mesh, inputs.dummy_inputs(config.modalities, config.data.image_size), config.seed
+    model,
+    tx,
+    mesh,
+    inputs.dummy_inputs(config.modalities, config.data.image_size),
+    config.seed,
+    # A method's own state (MoCo's key encoder and queues): its loss reads it.
+    lambda variables: method.init_extra(config, variables),
   )
   batch = sharding.to_global(random_batch(config, batches), mesh)
   return types.SimpleNamespace(
