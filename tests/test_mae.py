@@ -3,8 +3,6 @@
 
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,7 @@ from aacp_jax.models import vit
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from tests import workdirs
+from tests.devices import run_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4
@@ -229,21 +228,7 @@ def check_sharded():
 
 
 def test_four_devices_equal_one_in_float64():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (
-    ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-    + f' --xla_force_host_platform_device_count={DEVICES}'
-  )
-  proc = subprocess.run(
-    [sys.executable, '-c', 'from tests.test_mae import check_sharded; check_sharded()'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'OK:' in proc.stdout
+  run_check('from tests.test_mae import check_sharded; check_sharded()', DEVICES)
 
 
 # --- fine-tuning from an MAE workdir ---

@@ -5,8 +5,6 @@ that continues the queue exactly."""
 import functools
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ from aacp_jax.train import loop
 from aacp_jax.train import pretrain as pretrain_experiment
 from aacp_jax.train import state as state_lib
 from configs import pretrain
+from tests.devices import run_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4
@@ -275,21 +274,7 @@ def check_sharded():
 
 
 def test_four_devices_equal_one_in_float64():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (
-    ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-    + f' --xla_force_host_platform_device_count={DEVICES}'
-  )
-  proc = subprocess.run(
-    [sys.executable, '-c', 'from tests.test_moco import check_sharded; check_sharded()'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'OK:' in proc.stdout
+  run_check('from tests.test_moco import check_sharded; check_sharded()', DEVICES)
 
 
 # --- resume: the queue and its pointer are in the checkpoint ----------------------------------

@@ -11,8 +11,8 @@ not leak into the other tests.
 
 import functools
 import os
-import subprocess
-import sys
+
+from tests.devices import run_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-9
@@ -166,18 +166,4 @@ def check():
 
 
 def test_four_devices_equal_one_in_float64():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (
-    ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-    + f' --xla_force_host_platform_device_count={DEVICES}'
-  )
-  proc = subprocess.run(
-    [sys.executable, '-c', 'from tests.test_step_sharded import check; check()'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'OK:' in proc.stdout
+  run_check('from tests.test_step_sharded import check; check()', DEVICES)
