@@ -9,8 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_check(code: str, devices: int) -> str:
-  """Runs `python -c code` on `devices` CPU devices; asserts it exits 0 and prints 'OK:'.
-  Returns its stdout."""
+  """Runs `python -c code` on `devices` CPU devices; asserts it exits 0 and returns its stdout
+  (the callers assert the check's 'OK:' line)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = (
     ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
@@ -25,5 +25,4 @@ def run_check(code: str, devices: int) -> str:
     timeout=1800,  # minutes of compilation on a loaded machine; no test depends on speed
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'OK:' in proc.stdout
   return proc.stdout

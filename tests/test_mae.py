@@ -228,7 +228,7 @@ def check_sharded():
 
 
 def test_four_devices_equal_one_in_float64():
-  run_check('from tests.test_mae import check_sharded; check_sharded()', DEVICES)
+  assert 'OK:' in run_check('from tests.test_mae import check_sharded; check_sharded()', DEVICES)
 
 
 # --- fine-tuning from an MAE workdir ---
@@ -237,24 +237,9 @@ def test_four_devices_equal_one_in_float64():
 def mae_workdir(path, root):
   """An MAE pretraining workdir as a run leaves it (config.json and a checkpoint of the train
   state) with initialised weights, without compiling a step (as `workdirs.pretraining_workdir`)."""
-  from aacp_jax import checkpoint, experiments, sharding
-  from aacp_jax import workdir as workdir_lib
-  from aacp_jax.train import state as state_lib
-
   p = tiny_config(**{'data.root': root})
   p.model.vit.update(dict(depth=1, width=16, heads=2, mlp_dim=32))
-  experiment = experiments.get('pretrain')
-  model = experiment.build_model(p)
-  tx, _ = state_lib.make_optimizer(p.optim, 2)
-  state, _ = state_lib.create_state(
-    model, tx, sharding.make_mesh(), experiment.dummy_inputs(p), seed=3
-  )
-  os.makedirs(path, exist_ok=True)
-  workdir_lib.write_config(p, path)
-  ckpt = checkpoint.Checkpointer(os.path.join(path, 'checkpoints'), every_steps=1, keep=1)
-  ckpt.save(2, state, force=True)
-  ckpt.close()
-  return path
+  return workdirs.workdir_from_config(path, p)
 
 
 @pytest.fixture(scope='module')

@@ -274,7 +274,7 @@ def check_sharded():
 
 
 def test_four_devices_equal_one_in_float64():
-  run_check('from tests.test_moco import check_sharded; check_sharded()', DEVICES)
+  assert 'OK:' in run_check('from tests.test_moco import check_sharded; check_sharded()', DEVICES)
 
 
 # --- resume: the queue and its pointer are in the checkpoint ----------------------------------

@@ -166,4 +166,4 @@ def check():
 
 
 def test_four_devices_equal_one_in_float64():
-  run_check('from tests.test_step_sharded import check; check()', DEVICES)
+  assert 'OK:' in run_check('from tests.test_step_sharded import check; check()', DEVICES)

@@ -19,14 +19,19 @@ def override(config, **overrides):
 def pretraining_workdir(path, root, modalities=('xray',)):
   """A pretraining workdir as a run leaves it (config.json and a checkpoint of the train state),
   with initialised weights: what an init reads, without compiling a pretraining step."""
-  from aacp_jax import checkpoint, experiments, sharding
-  from aacp_jax import workdir as workdir_lib
-  from aacp_jax.train import state as state_lib
-
   p = pretrain_config.get_config('demo,minimal')
   p.modalities = tuple(modalities)
   p.data.image_size, p.data.root, p.batch_size, p.total_steps = 32, root, 8, 2
   p.model.width, p.model.projector = 4, (16, 16, 8)
+  return workdir_from_config(path, p)
+
+
+def workdir_from_config(path, p):
+  """`pretraining_workdir` for any pretraining config `p` (any method)."""
+  from aacp_jax import checkpoint, experiments, sharding
+  from aacp_jax import workdir as workdir_lib
+  from aacp_jax.train import state as state_lib
+
   experiment = experiments.get('pretrain')
   model = experiment.build_model(p)
   tx, _ = state_lib.make_optimizer(p.optim, 2)
