@@ -13,7 +13,8 @@
          and their ratio. Reads config.data.root; without one it builds shards of synthetic
          records at real sizes (--input_sizes: CT 358x358x64 int16 slabs, 1024x1024 X-rays,
          233x197 MRI slices) under --workdir with the codec and shard writer
-         (--input_compression, default uncompressed as the writer's; e.g. zstd:3).
+         (--input_compression, default uncompressed as the writer's; e.g. zstd:3; images of 1 MiB
+         and more in array files unless --noinput_arrays).
   augment
          median seconds of the jitted two-view augmentation of the configured global batch, of the
          jitted encoder forward+backward on pre-augmented views (the step without augmentation),
@@ -79,6 +80,12 @@ flags.DEFINE_string(
   'input_compression',
   'uncompressed',
   "`input`: ArrayRecord compression of the synthetic shards ('uncompressed', 'zstd:3', ...).",
+)
+flags.DEFINE_bool(
+  'input_arrays',
+  True,
+  "`input`: write the synthetic shards with array files for large images (the writer's "
+  'default); --noinput_arrays keeps each record whole in its shard (the layout before).',
 )
 flags.DEFINE_integer(
   'input_virtual',
@@ -344,10 +351,11 @@ def bench_augment(config):
 GOAL_SAMPLES_PER_S = 4000.0  # two-view samples/s on one H200 (the performance goal)
 
 
-def real_size_shards(root, sizes, count, seed=0, compression=None):
+def real_size_shards(root, sizes, count, seed=0, compression=None, arrays=True):
   """Writes `count` synthetic records per modality at `sizes` ({m: (h, w)}) as split 'train'
   (codec + shard writer, as data_prep writes them); the content is noise, the bytes are real.
-  `compression`: of the shards (shards.writer_options; default uncompressed)."""
+  `compression`: of the shards (shards.writer_options; default uncompressed); `arrays`: large
+  images in array files (shards.write_split)."""
   from aacp_jax.data import landmarks as lm
   from aacp_jax.data import shards
 
@@ -378,7 +386,13 @@ def real_size_shards(root, sizes, count, seed=0, compression=None):
 
   streams = {m: _Sized(records(m, *hw), count) for m, hw in sizes.items()}
   shards.write_split(
-    root, 'train', streams, seed=seed, num_shards=max(1, count // 32), compression=compression
+    root,
+    'train',
+    streams,
+    seed=seed,
+    num_shards=max(1, count // 32),
+    compression=compression,
+    arrays=arrays,
   )
   return root
 
@@ -397,8 +411,8 @@ class Tiled:
     return self.source[int(index) % len(self.source)]
 
 
-def _tiled_source(length, root, split, modality, verify=True):
-  return Tiled(_open_source(root, split, modality, verify=verify), length)
+def _tiled_source(length, root, split, modality, **kwargs):
+  return Tiled(_open_source(root, split, modality, **kwargs), length)
 
 
 def _open_source(*args, **kwargs):
@@ -444,17 +458,26 @@ def bench_input(config):
   if config.data.root:
     root, split, source = config.data.root, config.data.split, config.data.root
     opener, compression = shards.open_source, None  # whatever the shards were written with
+    layout = 'as written'
   else:
     sizes = {m: hw for m, hw in _parse_sizes(FLAGS.input_sizes).items() if m in batches}
+    if not sizes:
+      raise app.UsageError(f"--input_sizes: none of the config's modalities {sorted(batches)}")
+    batches = {m: b for m, b in batches.items() if m in sizes}  # only the modalities sized
     tag = '_'.join(f'{m}{h}x{w}' for m, (h, w) in sorted(sizes.items()))
     compression = FLAGS.input_compression
     shards.writer_options(compression)  # a bad flag fails before anything is written
     # The compression is in the name: a cache written with other options is never read instead.
-    root = f'{workdir}/real_size_{tag}_{FLAGS.input_records}_{compression.replace(":", "")}'
+    layout = 'arrays' if FLAGS.input_arrays else 'inline'
+    root = (
+      f'{workdir}/real_size_{tag}_{FLAGS.input_records}_{compression.replace(":", "")}_{layout}'
+    )
     try:
       shards.read_manifest(root, 'train')
     except shards.ShardError:
-      real_size_shards(root, sizes, FLAGS.input_records, compression=compression)
+      real_size_shards(
+        root, sizes, FLAGS.input_records, compression=compression, arrays=FLAGS.input_arrays
+      )
     split, source = 'train', 'synthetic'
     opener = functools.partial(_tiled_source, FLAGS.input_virtual)
   step_rate = FLAGS.step_rate or GOAL_SAMPLES_PER_S / config.batch_size
@@ -485,6 +508,7 @@ def bench_input(config):
       modality=m,
       source=source,
       compression=compression,
+      layout=layout,
       record_hw=list(image.shape[1:3]),
       channels=image.shape[3],
       dtype=str(image.dtype),

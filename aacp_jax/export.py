@@ -1,5 +1,5 @@
-"""Weights out: one modality's encoder of a pretraining workdir, for the PyTorch ecosystem or as a
-self-contained inference program.
+"""Weights out: one modality's encoder of a pretraining (or fine-tuning) workdir, for the PyTorch
+ecosystem or as a self-contained inference program.
 
   python -m aacp_jax.export --workdir=DIR --modality=ct --out=ct_resnet.safetensors
   python -m aacp_jax.export --workdir=DIR --modality=ct --format=stablehlo --out=ct_resnet.jax
@@ -13,9 +13,19 @@ self-contained inference program.
   conv1 takes `in_channels` (`torchvision.models.resnet50(); model.conv1 = nn.Conv2d(64, 64, 7,
   2, 3, bias=False); model.fc = nn.Identity()` for CT), or back here with
   `convert.load_torchvision_encoder` / `init=imagenet:PATH`: the round trip is bitwise.
+  A ViT encoder (`model.arch='vit'`, MAE's) goes out in timm's VisionTransformer layout instead
+  (`convert.flax_to_timm_vit`: `patch_embed.proj`, `cls_token`, `pos_embed` (1, 1 + N, D) for the
+  workdir's image size, the fixed sin-cos one written as a tensor, `blocks.i.{norm1, attn.qkv,
+  attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`; no head); `__metadata__['timm_kwargs']` holds the
+  JSON arguments of the timm `VisionTransformer` that computes our `pooled` (the mean of the patch
+  tokens after the final norm: `global_pool='avg', fc_norm=False`); back here with
+  `convert.load_timm_vit`, bitwise.
+- A fine-tuning workdir's (`experiment='finetune'`) fine-tuned encoder exports the same way, its
+  task head left out (`restore.encoder_variables`).
 - `--format=stablehlo`: the encoder's eval-mode forward, float32, weights inside, serialized with
   `jax.export` for a symbolic batch `b`: preprocessed images (b, S, S, C) float32 NHWC -> `pooled`
-  (b, F) (`--outputs=all`: the dict c2..c5, pooled). S is --image_size (default the workdir's).
+  (b, F) (`--outputs=all`: the dict c2..c5, pooled; a ViT's latent, tokens, grid, pooled). S is
+  --image_size (default the workdir's; a ViT with learned positions takes only that one).
   `OUT.json` beside it records the input shape, dtype, outputs, modality, preprocessing and
   platforms (`--platforms`, default the current backend). Call it with
   `jax.export.deserialize(open(OUT, 'rb').read()).call(x)`; no aacp_jax or flax needed.
@@ -47,20 +57,30 @@ def check_output(path: str) -> None:
     raise ValueError(f'--out={path}: folder {folder} is not writable')
 
 
+ARCHS = ('resnet', 'vit')
+
+
+def arch_of(config) -> str:
+  return config.get('model', {}).get('arch', 'resnet') or 'resnet'
+
+
 def check_workdir(workdir: str, modality: str):
-  """The workdir's config, after checking it is a pretraining run with `modality`'s encoder."""
+  """The workdir's config, after checking it is a pretraining or fine-tuning run with
+  `modality`'s encoder."""
   from aacp_jax import workdir as workdir_lib
 
   if not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir}: no such folder')
   config = workdir_lib.read_config(workdir)
   experiment = config.get('experiment', 'pretrain')
-  if experiment != 'pretrain':
-    raise ValueError(f'--workdir={workdir}: a {experiment} workdir; export reads pretraining ones')
-  arch = config.get('model', {}).get('arch', 'resnet')
-  if arch != 'resnet':
-    # The torchvision layout and the forward below are ResNet's.
-    raise ValueError(f'--workdir={workdir}: a {arch} encoder (config.model.arch); export is ResNet')
+  if experiment not in ('pretrain', 'finetune'):
+    # The landmark detector's encoder is no fine-tuning init and has no torch counterpart.
+    raise ValueError(
+      f'--workdir={workdir}: a {experiment} workdir; export reads pretraining and fine-tuning ones'
+    )
+  arch = arch_of(config)
+  if arch not in ARCHS:
+    raise ValueError(f'--workdir={workdir}: config.model.arch={arch!r}; export knows {ARCHS}')
   have = list(config.get('modalities', ()))
   if modality not in have:
     raise ValueError(f'--modality={modality}: the workdir {workdir} has encoders for {have} only')
@@ -68,7 +88,7 @@ def check_workdir(workdir: str, modality: str):
 
 
 def load_encoder(workdir: str, modality: str, step: int | None = None):
-  """(restored, ResNet module, its variables) of `modality`'s encoder in `workdir`."""
+  """(restored, ResNet or ViT module, its variables) of `modality`'s encoder in `workdir`."""
   from aacp_jax import restore
 
   check_workdir(workdir, modality)
@@ -77,7 +97,7 @@ def load_encoder(workdir: str, modality: str, step: int | None = None):
   return restored, encoder, variables
 
 
-def preprocessing_note(config, modality: str) -> str:
+def preprocessing_note(config, modality: str, side: str = 'divisible by 32') -> str:
   """What the encoder expects of its input, in words (`aacp_jax.augment.preprocess`)."""
   from aacp_jax.augment import config as augment_config
 
@@ -93,28 +113,99 @@ def preprocessing_note(config, modality: str) -> str:
     scale = float(config.augment.xray_scale)
     inverse = 1.0 / scale if scale else 0.0
     how = how.format(f'1/{inverse:g}' if inverse and inverse == round(inverse) else f'{scale:g}')
-  return f'{how}; NHWC float32, side divisible by 32 (aacp_jax.augment.preprocess)'
+  return f'{how}; NHWC float32, side {side} (aacp_jax.augment.preprocess)'
+
+
+def _is_vit(encoder) -> bool:
+  from aacp_jax.models import vit
+
+  return isinstance(encoder, vit.ViT)
+
+
+def vit_pos_embed(encoder, image_size: int):
+  """A fixed (sin-cos) ViT's position embedding at `image_size`, (1 + N, D) in the parameters'
+  dtype, the class token's zero row first, as `vit.ViT` adds it; None for learned ones (a
+  parameter, exported as such)."""
+  import numpy as np
+
+  from aacp_jax.models import vit
+
+  s = encoder.spec
+  if s.pos_embed == 'learned':
+    return None
+  g = image_size // s.patch_size
+  pos = np.concatenate([np.zeros((1, s.width)), vit.sincos_2d(s.width, g, g)])
+  return pos.astype(vit.param_dtype(encoder.dtype))
+
+
+def timm_kwargs(encoder, image_size: int, channels: int) -> dict:
+  """The timm `VisionTransformer(**kwargs)` computing `vit.ViT`'s `pooled`: pre-norm blocks with
+  qkv bias, LayerNorm eps 1e-6 and exact GELU (timm's defaults), no layer scale, a class token,
+  the final norm on every token, then the mean of the patch tokens (no fc_norm), no head."""
+  s = encoder.spec
+  return {
+    'img_size': image_size,
+    'patch_size': s.patch_size,
+    'in_chans': channels,
+    'embed_dim': s.width,
+    'depth': s.depth,
+    'num_heads': s.heads,
+    'mlp_ratio': s.mlp_dim / s.width,
+    'qkv_bias': True,
+    'class_token': True,
+    'global_pool': 'avg',
+    'fc_norm': False,
+    'num_classes': 0,
+  }
+
+
+def _channels(encoder, variables) -> int:
+  conv = 'patch_embed' if _is_vit(encoder) else 'conv1'
+  return int(variables['params'][conv]['kernel'].shape[2])
 
 
 def _metadata(restored, encoder, variables, modality: str, workdir: str) -> dict[str, str]:
   from aacp_jax import version
 
-  channels = variables['params']['conv1']['kernel'].shape[2]
+  channels = _channels(encoder, variables)
+  size = int(restored.config.data.image_size)
+  if _is_vit(encoder):
+    s = encoder.spec
+    arch = {
+      'layout': 'timm.models.vision_transformer.VisionTransformer, no head',
+      'timm_kwargs': json.dumps(timm_kwargs(encoder, size, channels), sort_keys=True),
+      'patch_size': str(s.patch_size),
+      'depth': str(s.depth),
+      'width': str(s.width),
+      'heads': str(s.heads),
+      'mlp_dim': str(s.mlp_dim),
+      'pos_embed': s.pos_embed,
+      'num_features': str(s.width),
+    }
+    side = f"{size} (the stored pos_embed's)"
+  else:
+    arch = {
+      'layout': 'torchvision.models.resnet (v1.5), no fc',
+      'depth': str(encoder.depth),
+      'width': str(encoder.width),
+      'num_features': str(encoder.num_features),
+    }
+    side = 'divisible by 32'
   return {
     'format': 'pt',  # what torch-side readers (transformers, timm) look for
-    'layout': 'torchvision.models.resnet (v1.5), no fc',
     'modality': modality,
     'in_channels': str(channels),
-    'depth': str(encoder.depth),
-    'width': str(encoder.width),
-    'num_features': str(encoder.num_features),
+    **arch,
+    'experiment': str(restored.config.get('experiment', 'pretrain')),
+    # A fine-tuned encoder: what it was fine-tuned on, and from.
+    **{k: str(restored.config[k]) for k in ('task', 'init') if k in restored.config},
     'method': str(restored.config.get('method', '')),
     'train_dtype': str(restored.config.model.get('dtype', '')),
     'image_size': str(restored.config.data.image_size),
     'source_workdir': os.path.abspath(workdir),
     'source_step': str(restored.step),
     'code_version': version.code_version(),
-    'preprocessing': preprocessing_note(restored.config, modality),
+    'preprocessing': preprocessing_note(restored.config, modality, side),
   }
 
 
@@ -125,8 +216,12 @@ def export_safetensors(workdir: str, modality: str, out: str, *, step: int | Non
   check_output(out)
   restored, encoder, variables = load_encoder(workdir, modality, step)
   metadata = _metadata(restored, encoder, variables, modality, workdir)
-  # torch counts BN updates; the checkpoint step is the closest thing this run has.
-  state_dict = convert.flax_to_torchvision(variables, num_batches_tracked=restored.step)
+  if _is_vit(encoder):
+    pos = vit_pos_embed(encoder, int(restored.config.data.image_size))
+    state_dict = convert.flax_to_timm_vit(variables['params'], pos_embed=pos)
+  else:
+    # torch counts BN updates; the checkpoint step is the closest thing this run has.
+    state_dict = convert.flax_to_torchvision(variables, num_batches_tracked=restored.step)
   try:
     convert.save_safetensors(out, state_dict, metadata)
   except OSError as e:
@@ -147,11 +242,16 @@ def export_forward(
     raise ValueError(f'--outputs={outputs}: expected one of {OUTPUTS}')
   # float32 whatever the run trained in: the artefact is for inference anywhere, and a bf16
   # forward is a choice its user can still make by casting around it.
-  model = dataclasses.replace(encoder, dtype=jnp.float32, in_channels=channels)
   consts = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), variables)
+  if _is_vit(encoder):
+    model = dataclasses.replace(encoder, dtype=jnp.float32)
+    apply = lambda x: model.apply({'params': consts['params']}, x)
+  else:
+    model = dataclasses.replace(encoder, dtype=jnp.float32, in_channels=channels)
+    apply = lambda x: model.apply(consts, x, train=False)
 
   def forward(x):
-    out = model.apply(consts, x, train=False)
+    out = apply(x)
     return out['pooled'] if outputs == 'pooled' else out
 
   (b,) = jax.export.symbolic_shape('b')
@@ -180,9 +280,21 @@ def export_stablehlo(
   check_output(out)
   restored, encoder, variables = load_encoder(workdir, modality, step)
   size = int(image_size or restored.config.data.image_size)
-  if size <= 0 or size % 32:
-    raise ValueError(f'--image_size={size}: must be a positive multiple of 32')
-  channels = int(variables['params']['conv1']['kernel'].shape[2])
+  vit_encoder = _is_vit(encoder)
+  if vit_encoder:
+    p, trained = encoder.spec.patch_size, int(restored.config.data.image_size)
+    if size <= 0 or size % p:
+      raise ValueError(f'--image_size={size}: must be a positive multiple of the patch size {p}')
+    if encoder.spec.pos_embed == 'learned' and size != trained:
+      raise ValueError(
+        f'--image_size={size}: the ViT learned positions for {trained} px; export at {trained}'
+      )
+    function = f'ViT encoder (patch {p}, {encoder.spec.depth} blocks of {encoder.spec.width})'
+  else:
+    if size <= 0 or size % 32:
+      raise ValueError(f'--image_size={size}: must be a positive multiple of 32')
+    function = f'ResNet-{encoder.depth} encoder, eval mode (BatchNorm running statistics)'
+  channels = _channels(encoder, variables)
   exported = export_forward(
     encoder, variables, image_size=size, channels=channels, outputs=outputs, platforms=platforms
   )
@@ -193,7 +305,7 @@ def export_stablehlo(
     'format': 'jax.export',
     'file': os.path.basename(out),
     'call': "jax.export.deserialize(open(file, 'rb').read()).call(x)",
-    'function': f'ResNet-{encoder.depth} encoder, eval mode (BatchNorm running statistics)',
+    'function': function,
     'input': {'shape': ['b', size, size, channels], 'dtype': 'float32', 'layout': 'NHWC'},
     'outputs': out_tree if outputs == 'all' else {'pooled': out_tree},
     'output_dtype': 'float32',
@@ -203,7 +315,7 @@ def export_stablehlo(
     **{
       k: v
       for k, v in _metadata(restored, encoder, variables, modality, workdir).items()
-      if k not in ('format', 'layout')
+      if k not in ('format', 'layout', 'timm_kwargs')
     },
   }
   try:
@@ -230,10 +342,14 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def define_flags():
-  flags.DEFINE_string('workdir', None, 'Pretraining workdir (config.json + checkpoints/).')
+  flags.DEFINE_string(
+    'workdir', None, 'Pretraining or fine-tuning workdir (config.json + checkpoints/).'
+  )
   flags.DEFINE_string('modality', None, 'Whose encoder: ct, mri or xray.')
   flags.DEFINE_string('out', None, 'Output file.')
-  flags.DEFINE_enum('format', 'safetensors', FORMATS, 'torchvision-layout weights or StableHLO.')
+  flags.DEFINE_enum(
+    'format', 'safetensors', FORMATS, 'torchvision (ResNet) or timm (ViT) weights, or StableHLO.'
+  )
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest that verifies).')
   flags.DEFINE_enum('outputs', 'pooled', OUTPUTS, '`stablehlo`: pooled features or every output.')
   flags.DEFINE_integer('image_size', None, "`stablehlo`: input side (default: the workdir's).")

@@ -61,8 +61,11 @@ def encoder_variables(restored: Restored, modality: str):
   """(ResNet module, its variables) of one modality's encoder in a pretraining workdir: the
   backbone alone, as fine-tuning and feature extraction use it (`__call__(x, train)` gives
   c2..c5 and 'pooled'). A ViT workdir (config.model.arch 'vit', e.g. MAE) gives (`vit.ViT`,
-  {'params', 'batch_stats': {}}) instead (`__call__(x)` gives 'tokens', 'grid' and 'pooled')."""
+  {'params', 'batch_stats': {}}) instead (`__call__(x)` gives 'tokens', 'grid' and 'pooled').
+  A fine-tuning workdir gives its one modality's fine-tuned encoder the same way (no head)."""
   model = restored.model
+  if restored.config.get('experiment') == 'finetune':
+    return _finetuned_encoder(restored, modality)
   name = f'encoder_{modality}'
   if name not in restored.variables['params']:
     have = sorted(
@@ -85,3 +88,22 @@ def encoder_variables(restored: Restored, modality: str):
     'params': restored.variables['params'][name],
     'batch_stats': restored.variables['batch_stats'][name],
   }
+
+
+def _finetuned_encoder(restored: Restored, modality: str):
+  """`encoder_variables` of a fine-tuning workdir: `FineTuneModel`'s `encoder` submodule."""
+  model, have = restored.model, tuple(restored.config.modalities)
+  if modality not in have:
+    raise ValueError(f'modality {modality!r}: the restored model has encoders for {list(have)}')
+  params = restored.variables['params']['encoder']
+  stats = restored.variables.get('batch_stats', {}).get('encoder', {})
+  if model.arch == 'vit':
+    return vit.ViT(model.vit_spec, model.dtype), {'params': params, 'batch_stats': {}}
+  encoder = resnet.ResNet(
+    depth=model.depth,
+    width=model.width,
+    num_classes=None,
+    dtype=model.dtype,
+    zero_init_residual=model.zero_init_residual,
+  )
+  return encoder, {'params': params, 'batch_stats': stats}

@@ -15,7 +15,8 @@ Commands (run from the repository root):
 Variants are joined with commas, e.g. `configs/pretrain.py:demo,simclr`; `key=value` items set
 any value too, e.g. `configs/pretrain.py:demo,method=aacp,optim.lr=3e-4`. Any value can be
 overridden on the command line, e.g. `--config.optim.lr=3e-4`. `sweep()` lists every variant;
-`TABLE6` the ablation rows in the paper's order.
+`TABLE6` the ablation rows in the paper's order. The baselines: `moco_v2` and `mae` (the same as
+`method=moco_v2` / `method=mae`; MAE with its own AdamW recipe, `_mae_recipe`).
 """
 
 import ml_collections
@@ -114,9 +115,15 @@ def base_config():
   c.augment = augment.default_config()
 
   c.optim = ml_collections.ConfigDict()
+  # 'adam' (L2 added to the gradient, as the paper) or 'adamw' (decoupled decay, not on norms,
+  # biases, tokens, positions: MAE's, which method=mae sets; aacp_jax/train/state.py).
+  c.optim.name = 'adam'
   c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
   c.optim.weight_decay = 1e-6
   c.optim.warmup_steps = 0
+  c.optim.warmup_fraction = 0.0  # of the run, read when warmup_steps is 0
   c.optim.grad_clip = 0.0  # 0 = off.
 
   c.log_every_steps = 50
@@ -261,6 +268,33 @@ def moco_v2(c):
   c.method = 'moco_v2'
 
 
+@_variant
+def mae(c):
+  """The MAE baseline: c.mae, the ViT (model.vit) and MAE's optimiser (AdamW, betas (0.9, 0.95),
+  decoupled decay 0.05); get_config also sets its schedule (`_mae_recipe`), as for the
+  `method=mae` item. On its own on top of a resolved config (`bench step --variants=mae`) it keeps
+  that config's learning rate and warmup (demo's)."""
+  c.method = 'mae'
+  c.model.arch = 'vit'
+  _mae_optimiser(c)
+
+
+def _mae_optimiser(c):
+  c.optim.name = 'adamw'
+  c.optim.b1, c.optim.b2 = 0.9, 0.95
+  c.optim.weight_decay = 0.05
+
+
+def _mae_recipe(c):
+  """MAE's pretraining optimiser (He et al. 2022, Table 8): AdamW, betas (0.9, 0.95), decoupled
+  weight decay 0.05, lr 1.5e-4 x batch / 256 (the linear scaling rule, at the config's batch:
+  1.5e-4 at the paper's 256), cosine with a warmup of 40 of 800 epochs, i.e. 5 % of the run."""
+  _mae_optimiser(c)
+  c.optim.lr = 1.5e-4 * c.batch_size / 256
+  c.optim.warmup_steps = 0
+  c.optim.warmup_fraction = 0.05
+
+
 # Table 6 rows in the paper's order ('simclr' is its 'Minimal (SimCLR-style)' row; 'minimal' is
 # section 1.3.3's components 1-3, the paper's 1.68x training-time reference).
 TABLE6 = (
@@ -284,10 +318,17 @@ def sweep():
 
 # The encoder kind of each method that does not use the ResNet (`model.arch` '').
 _METHOD_ARCH = {'mae': 'vit'}
+# A method's own settings beyond its block (c.mae, c.moco): applied to the base config before
+# the variants and items, so `demo` and `optim.lr=...` still set what they name.
+_METHOD_RECIPE = {'mae': _mae_recipe}
 
 
 def get_config(arg=None):
-  c = VARIANTS.apply(base_config(), arg)
+  method = VARIANTS.apply(base_config(), arg).method
+  base = base_config()
+  if method in _METHOD_RECIPE:
+    _METHOD_RECIPE[method](base)
+  c = VARIANTS.apply(base, arg)
   if not c.model.arch:
     c.model.arch = _METHOD_ARCH.get(c.method, 'resnet')
   return c

@@ -393,7 +393,10 @@ def _remove_stale(output: str, tasks) -> None:
     if not names and os.path.exists(os.path.join(split_dir, shards.MANIFEST)):
       # A split this run has nothing for (e.g. other fractions): its old records must not linger.
       os.remove(os.path.join(split_dir, shards.MANIFEST))
+    arrays = {os.path.basename(shards.array_file_path(n)) for n in names}
     for n in os.listdir(split_dir):
+      if n.endswith('.arrays') and n not in arrays:
+        os.remove(os.path.join(split_dir, n))  # a stale shard's array file
       if n.endswith('.array_record') and n not in names:
         os.remove(os.path.join(split_dir, n))
         sidecar = os.path.join(output, '.progress', split, n + '.json')

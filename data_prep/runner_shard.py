@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from aacp_jax import digest
 from aacp_jax.data import landmarks as lm
 from aacp_jax.data import records as rec
 from aacp_jax.data import shards
@@ -177,12 +176,9 @@ def _finished(shard_path, sidecar, fingerprint):
     if summary.get('fingerprint') != fingerprint or os.path.exists(shard_path):
       return None
     return summary
-  if (
-    summary.get('fingerprint') != fingerprint
-    or not os.path.exists(shard_path)
-    or os.path.getsize(shard_path) != entry.get('bytes')
-    or digest.sha256_file(shard_path) != entry.get('sha256')
-  ):  # pylint: disable=protected-access
+  if summary.get('fingerprint') != fingerprint or shards.check_files(
+    os.path.dirname(shard_path), entry
+  ):  # the shard and its array file, if any, as the summary recorded them
     return None
   return summary
 

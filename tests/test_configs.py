@@ -159,3 +159,14 @@ def test_unknown_method_names_the_registry():
   c = pretrain.get_config('demo,method=byol')
   with pytest.raises(ValueError, match=r"config.method='byol': expected one of aacp"):
     pretrain_experiment.check_config(c)
+
+
+def test_method_variants_equal_their_method_items():
+  # `mae` / `moco_v2` as named variants (bench step --variants=...) are the `method=` items.
+  for name in ('mae', 'moco_v2'):
+    for prefix in ('', 'demo,'):
+      named = pretrain.get_config(prefix + name).to_dict()
+      item = pretrain.get_config(f'{prefix}method={name}').to_dict()
+      named.pop('variant'), item.pop('variant')
+      assert named == item, name
+      pretrain_experiment.check_config(pretrain.get_config(prefix + name))

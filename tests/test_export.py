@@ -255,3 +255,197 @@ def test_imagenet_init_of_the_wrong_shape_is_one_line_naming_the_file(xray_root,
   with pytest.raises(ValueError, match=re.escape(f'config.init=imagenet:{path}: params/')) as err:
     finetune.run(config, str(tmp_path / 'ft'), evaluate_test=False)
   assert 'shape' in str(err.value) and '\n' not in str(err.value)
+
+
+# ---- ViT encoders (MAE's) in timm's VisionTransformer layout ----
+
+VIT = dict(patch_size=16, depth=2, width=32, heads=2, mlp_dim=64)
+
+
+def _vit_variables(pos_embed, channels, seed=0, size=32):
+  from aacp_jax.models import vit
+
+  model = vit.ViT(vit.Spec(**VIT, pos_embed=pos_embed))
+  x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  return model, _random_variables(abstract, seed)
+
+
+def _timm_keys(depth):
+  keys = {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias'}
+  keys |= {'norm.weight', 'norm.bias'}
+  for i in range(depth):
+    for m in ('norm1', 'attn.qkv', 'attn.proj', 'norm2', 'mlp.fc1', 'mlp.fc2'):
+      keys |= {f'blocks.{i}.{m}.weight', f'blocks.{i}.{m}.bias'}
+  return keys
+
+
+@pytest.mark.parametrize('pos_embed', ['sincos', 'learned'])
+def test_vit_export_import_round_trip_is_bitwise(pos_embed, tmp_path):
+  model, variables = _vit_variables(pos_embed, channels=64, seed=1)
+  fixed = export.vit_pos_embed(model, 32)
+  sd = convert.flax_to_timm_vit(variables['params'], pos_embed=fixed)
+  assert set(sd) == _timm_keys(2)
+  d, n = VIT['width'], (32 // 16) ** 2
+  shapes = {
+    'patch_embed.proj.weight': (d, 64, 16, 16),
+    'cls_token': (1, 1, d),
+    'pos_embed': (1, 1 + n, d),
+    'blocks.1.attn.qkv.weight': (3 * d, d),
+    'blocks.1.attn.qkv.bias': (3 * d,),
+    'blocks.0.mlp.fc1.weight': (VIT['mlp_dim'], d),
+    'norm.weight': (d,),
+  }
+  assert {k: sd[k].shape for k in shapes} == shapes
+  # torch Linear (out, in) is the Flax kernel transposed; q, k, v rows in that order.
+  qkv = variables['params']['block0']['attn']['qkv']['kernel']
+  np.testing.assert_array_equal(sd['blocks.0.attn.qkv.weight'][d : 2 * d], qkv[:, d : 2 * d].T)
+  if pos_embed == 'sincos':  # the fixed table, as the model adds it (class token's row 0)
+    np.testing.assert_array_equal(sd['pos_embed'][0], fixed)
+    assert not sd['pos_embed'][0, 0].any()
+  path = str(tmp_path / 'vit.safetensors')
+  convert.save_safetensors(path, sd, {'modality': 'ct'})
+  loaded = convert.load_safetensors(path)
+  _assert_bitwise(loaded, sd)
+  back = convert.load_timm_vit(variables['params'], loaded, fixed_pos_embed=fixed)
+  _assert_bitwise(back, variables['params'])
+  # What does not fit is one line naming the key.
+  with pytest.raises(
+    ValueError, match=r"^params: state dict does not fit the ViT; missing \['norm/"
+  ):
+    convert.load_timm_vit(
+      variables['params'],
+      {k: v for k, v in loaded.items() if 'norm.' != k[:5]},
+      fixed_pos_embed=fixed,
+    )
+  with pytest.raises(ValueError, match=r'^blocks.0.ls1.gamma: not a leaf of our ViT'):
+    convert.load_timm_vit(
+      variables['params'], {**loaded, 'blocks.0.ls1.gamma': np.ones(d)}, fixed_pos_embed=fixed
+    )
+  if pos_embed == 'sincos':
+    other = {**loaded, 'pos_embed': loaded['pos_embed'] + 1}
+    with pytest.raises(ValueError, match=r"^pos_embed: .*pos_embed='learned'"):
+      convert.load_timm_vit(variables['params'], other, fixed_pos_embed=fixed)
+
+
+def _torch_vit_pooled(torch, sd, x, spec):
+  """timm's VisionTransformer forward (global_pool='avg', fc_norm=False), by hand: a stride-p
+  patch conv, class token and positions added, pre-norm blocks with fused qkv attention and an
+  exact-GELU MLP, the final LayerNorm (eps 1e-6) on every token, the mean of the patch tokens."""
+  F = torch.nn.functional
+  t = {k: torch.from_numpy(v) for k, v in sd.items()}
+  d, heads, eps = spec['width'], spec['heads'], 1e-6
+  y = F.conv2d(
+    torch.from_numpy(x.transpose(0, 3, 1, 2)),
+    t['patch_embed.proj.weight'],
+    t['patch_embed.proj.bias'],
+    stride=spec['patch_size'],
+  )
+  y = y.flatten(2).transpose(1, 2)
+  b, n = y.shape[0], y.shape[1] + 1
+  y = torch.cat([t['cls_token'].expand(b, -1, -1), y], 1) + t['pos_embed']
+  for i in range(spec['depth']):
+    w = lambda name: (t[f'blocks.{i}.{name}.weight'], t[f'blocks.{i}.{name}.bias'])
+    h = F.layer_norm(y, (d,), *w('norm1'), eps)
+    q, k, v = F.linear(h, *w('attn.qkv')).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1) @ v
+    y = y + F.linear(a.transpose(1, 2).reshape(b, n, d), *w('attn.proj'))
+    h = F.layer_norm(y, (d,), *w('norm2'), eps)
+    y = y + F.linear(F.gelu(F.linear(h, *w('mlp.fc1'))), *w('mlp.fc2'))
+  y = F.layer_norm(y, (d,), t['norm.weight'], t['norm.bias'], eps)
+  return y[:, 1:].mean(1)
+
+
+@pytest.mark.parametrize('pos_embed,channels', [('sincos', 3), ('learned', 1)])
+def test_torch_vit_from_the_export_matches_the_flax_forward(pos_embed, channels, tmp_path):
+  torch = pytest.importorskip('torch')
+  model, variables = _vit_variables(pos_embed, channels, seed=2)
+  path = str(tmp_path / 'vit.safetensors')
+  sd = convert.flax_to_timm_vit(variables['params'], pos_embed=export.vit_pos_embed(model, 32))
+  convert.save_safetensors(path, sd)
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, channels)).astype(np.float32)
+  with torch.no_grad():
+    want = _torch_vit_pooled(torch, convert.load_safetensors(path), x, VIT).numpy()
+  with jax.default_matmul_precision('highest'):
+    got = jax.jit(lambda v, x: model.apply(v, x)['pooled'])(variables, x)
+  rel = float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+  print(f'vit ({pos_embed}, {channels} ch) pooled max rel diff vs torch = {rel:.2e}')
+  assert want.shape == (2, VIT['width']) and rel <= 1e-4
+
+
+@pytest.fixture(scope='module')
+def mae_workdir(tmp_path_factory):
+  """A tiny X-ray MAE workdir (ViT of 1 block of 16, patch 8, 32 px), nothing compiled."""
+  from tests.test_mae import mae_workdir as make
+
+  base = tmp_path_factory.mktemp('export_mae')
+  return make(str(base / 'mae'), str(base / 'data'))
+
+
+def test_cli_exports_an_mae_vit_both_ways(mae_workdir, tmp_path):
+  out = str(tmp_path / 'xray_vit.safetensors')
+  done = _cli(f'--workdir={mae_workdir}', '--modality=xray', f'--out={out}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  meta = convert.read_safetensors_metadata(out)
+  assert meta['layout'].startswith('timm.models.vision_transformer') and meta['method'] == 'mae'
+  kwargs = json.loads(meta['timm_kwargs'])
+  assert {k: kwargs[k] for k in ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth')} == {
+    'img_size': 32,
+    'patch_size': 8,
+    'in_chans': 1,
+    'embed_dim': 16,
+    'depth': 1,
+  }
+  assert (kwargs['global_pool'], kwargs['fc_norm'], kwargs['num_classes']) == ('avg', False, 0)
+  encoder, variables = restore.encoder_variables(restore.load_variables(mae_workdir), 'xray')
+  back = convert.load_timm_vit(
+    variables['params'],
+    convert.load_safetensors(out),
+    fixed_pos_embed=export.vit_pos_embed(encoder, 32),
+  )
+  _assert_bitwise(back, variables['params'])
+
+  jax_out = str(tmp_path / 'xray_vit.jax')
+  sidecar = export.export_stablehlo(mae_workdir, 'xray', jax_out)
+  assert sidecar['outputs'] == {'pooled': ['b', 16]} and sidecar['function'].startswith('ViT')
+  exported = jax.export.deserialize(bytearray(open(jax_out, 'rb').read()))
+  x = np.random.default_rng(0).uniform(0, 1, (3, 32, 32, 1)).astype(np.float32)
+  want = jax.jit(lambda v, x: encoder.apply(v, x)['pooled'])({'params': variables['params']}, x)
+  np.testing.assert_allclose(np.asarray(exported.call(x)), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(
+    ValueError, match=r'^--image_size=36: must be a positive multiple of the patch'
+  ):
+    export.export_stablehlo(mae_workdir, 'xray', jax_out, image_size=36)
+
+
+def test_a_finetuned_encoder_exports_without_its_head(tmp_path):
+  from aacp_jax import checkpoint, experiments, sharding
+  from aacp_jax import workdir as workdir_lib
+  from aacp_jax.train import state as state_lib
+
+  # A fine-tuning workdir as a run leaves it (config.json, a checkpoint), ResNet-18 width 4.
+  c = tiny('phantom_xray_cls', **{'data.root': str(tmp_path / 'data')})
+  c.model.depth, c.model.width = 18, 4
+  c.modalities, c.data.shares = ('xray',), {'xray': 1.0}
+  experiment = experiments.get('finetune')
+  model = experiment.build_model(c)
+  tx, _ = finetune.make_optimizer(c, 2)
+  state, _ = state_lib.create_state(
+    model, tx, sharding.make_mesh(), experiment.dummy_inputs(c), seed=3
+  )
+  path = str(tmp_path / 'ft')
+  os.makedirs(path)
+  workdir_lib.write_config(c, path)
+  ckpt = checkpoint.Checkpointer(os.path.join(path, 'checkpoints'), every_steps=1, keep=1)
+  ckpt.save(2, state, force=True)
+  ckpt.close()
+  out = str(tmp_path / 'ft.safetensors')
+  meta = export.export_safetensors(path, 'xray', out)
+  assert (meta['experiment'], meta['task'], meta['depth']) == ('finetune', 'phantom_xray_cls', '18')
+  sd = convert.load_safetensors(out)
+  assert set(sd) == set(_torch_keys(18)) and 'fc.weight' not in sd  # no task head
+  r = restore.load_variables(path)
+  encoder, variables = restore.encoder_variables(r, 'xray')
+  _assert_bitwise(convert.torchvision_to_flax(sd, in_channels=1), variables)
+  with pytest.raises(ValueError, match=r'^--modality=ct: the workdir'):
+    export.export_safetensors(path, 'ct', out)

@@ -171,6 +171,7 @@ def test_bench_input_real_size_shards_beside_the_demand(tmp_path):
   (row,) = run_bench('input', extra=extra)
   assert row['bench'] == 'input' and row['modality'] == 'mri' and row['source'] == 'synthetic'
   assert row['record_hw'] == [40, 30] and row['dtype'] == 'float16' and row['image_size'] == 32
+  assert row['layout'] == 'arrays'  # the writer's default (these small records stay inline)
   assert row['records_per_s'] > 0 and row['records_per_cpu_s'] > 0
   # Demand = the per-host batch (16) x the goal's step rate (4,000 samples/s / batch 16).
   assert row['step_rate'] == 250.0 and row['demand_records_per_s'] == 4000.0
@@ -192,3 +193,12 @@ def test_bench_infer_full_and_minimal_per_image():
   assert ratio['batch_time_ratio'] == pytest.approx(
     minimal['images_per_s'] / full['images_per_s'], rel=0.01
   )
+
+
+def test_bench_step_times_the_baselines_side_by_side():
+  # The named method variants on top of --config (demo): MoCo-v2 (key encoder, queue) and MAE
+  # (ViT, AdamW) compile and time as any variant does.
+  moco, mae, ratio = run_bench('step', extra=['--variants=moco_v2,mae'])
+  assert (moco['variant'], mae['variant']) == ('demo,moco_v2', 'demo,mae')
+  assert all(r['median_step_s'] > 0 and r['median_inference_s'] > 0 for r in (moco, mae))
+  assert ratio['variants'] == 'moco_v2/mae'

@@ -103,8 +103,8 @@ def group(module: str) -> str:
     return 'base'
   if module in ('aacp_jax.restore', 'aacp_jax.experiments'):
     return 'registry'
-  if module in COMMANDS:
-    return 'commands'
+  if module in COMMANDS or module.split('.')[:2] == ['aacp_jax', 'study']:
+    return 'commands'  # the study drives pretraining and fine-tuning runs, like main.py
   top = module.split('.')[:2]
   if top[0] in ('configs', 'data_prep'):
     return top[0]

@@ -177,9 +177,10 @@ def _decode_error(data):
 
 def test_unknown_version_rejected():
   data = bytearray(rec.encode(make()))
-  struct.pack_into('<H', data, 4, rec.VERSION + 1)
-  assert f"'version' is {rec.VERSION + 1}; this code reads versions 1 and 2" in _decode_error(
-    bytes(data)
+  struct.pack_into('<H', data, 4, rec.EXTERNAL_VERSION + 1)
+  assert (
+    f"'version' is {rec.EXTERNAL_VERSION + 1}; this code reads versions 1 to 3"
+    in _decode_error(bytes(data))
   )
 
 

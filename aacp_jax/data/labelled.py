@@ -19,7 +19,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from aacp_jax.data import pipeline, shards
+from aacp_jax.data import pipeline, records, shards
 
 # What a fine-tuning host batch holds besides the task's label key (and 'extent' when padded).
 IMAGE_KEYS = ('image', 'landmarks', 'landmark_visible')
@@ -97,14 +97,14 @@ def _stratum(value, task) -> int:
 
 
 def read_labels(root: str, split: str, task, *, verify: bool = True) -> LabelTable:
-  """Every record's subject and label for `task` (one decode pass; pixels are not copied)."""
-  source = shards.open_source(root, split, task.modality, verify=verify)
+  """Every record's subject and label for `task` (one decode pass; images are not read)."""
+  source = shards.open_source(root, split, task.modality, verify=verify, lazy=True)
   if not len(source):
     raise ValueError(f'{root}/{split}/{task.modality}: no records')
   lut = mask_lut(task)
   subjects, strata, values = [], [], []
   for i in range(len(source)):
-    record = source[i]
+    record = _with_mask(source[i])
     value = record_value(record, task, _where(root, split, task.modality, i), lut)
     subjects.append(record['subject'])
     strata.append(_stratum(value, task))
@@ -115,6 +115,13 @@ def read_labels(root: str, split: str, task, *, verify: bool = True) -> LabelTab
   else:
     strata_arr = np.asarray(strata, np.int32)
   return LabelTable(np.asarray(subjects), strata_arr, values)
+
+
+def _with_mask(record):
+  """A lazy record with its mask read (labels come from it); the image stays unread."""
+  if isinstance(record.get('mask'), records.External):
+    record = dict(record, mask=record['mask'].materialise())
+  return record
 
 
 class _Select:
@@ -137,6 +144,7 @@ class ToItem:
     self.task, self.where, self.lut = task, where, mask_lut(task)
 
   def __call__(self, record):
+    record = _with_mask(record)  # the image, if in an array file, is read into its batch slot
     out = {k: record[k] for k in IMAGE_KEYS}
     out['subject'] = record['subject']
     key = 'mask' if self.task.kind == 'segmentation' else 'y'
@@ -162,7 +170,7 @@ def finetune_dataset(
   repeated (`num_epochs` None: forever) before batching, so a fraction smaller than a batch
   still gives full batches."""
   modality = task.modality
-  source = _Select(shards.open_source(root, split, modality, verify=verify), indices)
+  source = _Select(shards.open_source(root, split, modality, verify=verify, lazy=True), indices)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) < 1:
     raise ValueError(
@@ -176,7 +184,7 @@ def finetune_dataset(
   return ds.batch(
     per_host_batch,
     drop_remainder=True,
-    batch_fn=pipeline.PadBatch(hw, f'{root}/{split}/{modality}', extent=not fixed),
+    batch_fn=pipeline.PadBatch(hw, f'{root}/{split}/{modality}', extent=not fixed, reuse=True),
   )
 
 

@@ -19,7 +19,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-from aacp_jax.data import shards
+from aacp_jax.data import buffers, records, shards
 
 TRAIN_KEYS = ('image', 'landmarks', 'landmark_visible', 'landmarks_canonical', 'organs')
 # What a pretraining host batch holds: TRAIN_KEYS, plus each record's valid (h, w) in the padding
@@ -88,13 +88,20 @@ def pad_info(root, split, modality):
 class PadBatch:
   """Grain ``batch_fn``: stacks records, padding 'image' (and 'mask') to ``(h, w)`` and adding
   ``extent`` (B, 2) int32, each record's true size (``extent=False``: records known to be of
-  size ``hw``, so no extent). One copy per record, straight into the batch.
+  size ``hw``, so no extent). One copy per record, straight into the batch: an unread
+  ``records.External`` (a lazy source's array-file image) is read into its slot by ``preadv``.
 
   The padding is zero; it is never read (the device resample treats it as outside the record).
   """
 
-  def __init__(self, hw: tuple[int, int], where: str, extent: bool = True):
+  def __init__(self, hw: tuple[int, int], where: str, extent: bool = True, reuse: bool = False):
     self.hw, self.where, self.extent = (int(hw[0]), int(hw[1])), where, bool(extent)
+    # reuse: large batch arrays come from a pool, so a 0.5 GiB CT batch does not fault in fresh
+    # pages every step (data/buffers.py: reused only once nothing references the old batch).
+    self.pool = buffers.BufferPool() if reuse else None
+
+  def _empty(self, shape, dtype) -> np.ndarray:
+    return np.empty(shape, dtype) if self.pool is None else self.pool.take(shape, dtype)
 
   def __call__(self, items):
     h, w = self.hw
@@ -106,7 +113,7 @@ class PadBatch:
         out[key] = np.stack([it[key] for it in items])
         continue
       first = items[0][key]
-      batch = np.empty((len(items), h, w) + first.shape[2:], first.dtype)
+      batch = self._empty((len(items), h, w) + tuple(first.shape[2:]), first.dtype)
       for i, it in enumerate(items):
         a = it[key]
         if a.shape[0] > h or a.shape[1] > w:
@@ -114,7 +121,10 @@ class PadBatch:
             f'{self.where}: record of subject {it.get("subject", "?")} has {key} '
             f'{a.shape[0]}x{a.shape[1]}, larger than the pad size {h}x{w}'
           )
-        batch[i, : a.shape[0], : a.shape[1]] = a
+        if isinstance(a, records.External):
+          a.read_into(batch[i, : a.shape[0], : a.shape[1]])  # from the array file, checked
+        else:
+          batch[i, : a.shape[0], : a.shape[1]] = a
         batch[i, a.shape[0] :] = 0
         batch[i, : a.shape[0], a.shape[1] :] = 0
       out[key] = batch
@@ -171,7 +181,7 @@ def pretrain_dataset(
 
   ``image_size`` is the training size the device resamples to; host batches hold the records as
   stored, padded per modality to ``pad_to[m]`` (default ``pad_hw``: the largest record).
-  ``open_source(root, split, modality, verify=)`` gives each modality's records (``bench input``
+  ``open_source(root, split, modality, verify=, lazy=)`` gives each modality's records (``bench input``
   swaps in a larger virtual source: Grain's shuffle costs ~2 ms a record on 16 records, 6 us on
   100k, so a small benchmark split would measure the shuffle, not the input).
   """
@@ -183,7 +193,8 @@ def pretrain_dataset(
   per_modality = {}
   for modality in sorted(per_host_batch):
     batch = int(per_host_batch[modality])
-    ds = grain.MapDataset.source(open_source(root, split, modality, verify=verify))
+    # lazy: arrays kept in array files are read by PadBatch straight into their batch slots.
+    ds = grain.MapDataset.source(open_source(root, split, modality, verify=verify, lazy=True))
     total = len(ds)
     ds = ds[process_index::process_count]  # Disjoint, near-equal strided slices per process.
     if batch < 1 or len(ds) < batch:
@@ -196,7 +207,7 @@ def pretrain_dataset(
     hw, fixed = pad_info(root, split, modality)
     want = (pad_to or {}).get(modality)
     want = (int(want[0]), int(want[1])) if want else pad_hw(root, split, modality)
-    pad = PadBatch(want, f'{root}/{split}/{modality}', extent=not fixed or want != hw)
+    pad = PadBatch(want, f'{root}/{split}/{modality}', extent=not fixed or want != hw, reuse=True)
     per_modality[modality] = ds.batch(batch, drop_remainder=True, batch_fn=pad)
   return _ZipBatches(per_modality)
 

@@ -11,9 +11,15 @@ The CRC32C (hardware-accelerated, ``google-crc32c``) covers every byte but its o
 parses only the small map and returns the arrays as read-only ``np.frombuffer`` views of the
 record's bytes: no copy of a 16 MiB CT slab is made until the batch is assembled.
 
+Version 3 is version 2 with the large ``image`` / ``mask`` (``externalize``: 1 MiB and more, e.g.
+a 358² x 64 CT slab or a 1024² radiograph) moved out to the shard's array file, each replaced in the
+map by its offset there and its own CRC32C. Only the shard writer makes it; ``decode`` reads it
+when given ``external=`` (``shards.ShardSource`` does), so a big array is read once, straight into
+its place in a batch, instead of through ArrayRecord's copies (docs/DESIGN.md).
+
 Version 1 (``b'AACR' | uint16 1 | uint32 zlib crc32(payload) | uint64 len(payload) | payload``,
 arrays inline in the msgpack map as ``'data'`` bytes) is still read, so shards written before
-version 2 stay usable; only version 2 is written.
+version 2 stay usable; ``encode`` writes version 2.
 
 The fixed header lets every kind of damage give a precise error: a foreign blob fails the magic,
 a newer writer fails the version, truncation fails the length, and any flipped byte fails the CRC
@@ -24,8 +30,9 @@ trust what it reads.
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Any
+from typing import Any, Callable
 import zlib
 
 import google_crc32c
@@ -36,6 +43,10 @@ from aacp_jax.data import landmarks as lm
 from aacp_jax.modalities import IN_CHANNELS, MODALITIES, RAW_DTYPES
 
 VERSION = 2
+# Records whose large arrays live in the shard's array file (``externalize``; read by ``decode``
+# with ``external=``). Never written by ``encode``: only the shard writer makes them.
+EXTERNAL_VERSION = 3
+EXTERNAL_KEYS = ('image', 'mask')
 _MAGIC = b'AACR'
 _HEADER_V1 = struct.Struct('<4sHIQ')
 _HEADER = struct.Struct('<4sHHIIQ')
@@ -131,18 +142,131 @@ def encode(record: dict[str, Any]) -> bytes:
     }
     blocks.append(data + bytes(_align(len(data)) - len(data)))
     offset += _align(len(data))
+  return _assemble(meta, blocks, VERSION)
+
+
+def _assemble(meta: dict, blocks: list, version: int) -> bytes:
+  """Header + msgpack map + padding + the (already aligned) array blocks, CRC32C filled in."""
   packed = msgpack.packb(meta, use_bin_type=True)
   lead = _align(_HEADER.size + len(packed)) - _HEADER.size
   rest = b''.join([packed, bytes(lead - len(packed))] + blocks)
-  out = bytearray(_HEADER.pack(_MAGIC, VERSION, 0, 0, len(packed), len(rest)) + rest)
+  out = bytearray(_HEADER.pack(_MAGIC, version, 0, 0, len(packed), len(rest)) + rest)
   struct.pack_into('<I', out, _CRC_AT, _crc32c(np.frombuffer(out, np.uint8)))
   return bytes(out)
 
 
-def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
+def externalize(data: bytes, place: Callable[[memoryview], int], *, min_bytes: int) -> bytes:
+  """A version 2 record's bytes -> a version 3 stub whose large ``image`` / ``mask`` live elsewhere.
+
+  Each such array of at least ``min_bytes`` is handed to ``place(bytes) -> offset`` (the shard
+  writer appends it to the shard's array file) and replaced in the map by ``{'__nd__', 'shape',
+  'nbytes', 'ext': offset, 'crc32c': CRC32C of its bytes}``. A record with no such array comes back
+  unchanged (still version 2). The input's own CRC is checked first: damaged bytes are never
+  split into an intact-looking stub.
+  """
+  if len(data) < min_bytes or struct.unpack_from('<4sH', data) != (_MAGIC, VERSION):
+    return data
+  _, _, _, crc, meta_len, _ = _HEADER.unpack_from(data)
+  if _crc32c(np.frombuffer(data, np.uint8)) != crc:
+    raise RecordError('externalize: record fails its CRC32C check (corrupt bytes)')
+  obj = _unpack_map(memoryview(data)[_HEADER.size : _HEADER.size + meta_len], 'externalize')
+  start = _align(_HEADER.size + meta_len)
+  view = memoryview(data)
+  meta, blocks, offset, moved = {}, [], 0, False
+  for key in sorted(obj):
+    value = obj[key]
+    if not isinstance(value, dict):
+      meta[key] = value
+      continue
+    lo = start + value['offset']
+    block = view[lo : lo + value['nbytes']]
+    if key in EXTERNAL_KEYS and value['nbytes'] >= min_bytes:
+      crc32c = google_crc32c.value(np.frombuffer(block, np.uint8))  # it takes no memoryview
+      meta[key] = {**_shape_of(value), 'ext': int(place(block)), 'crc32c': crc32c}
+      moved = True
+      continue
+    meta[key] = {**_shape_of(value), 'offset': offset}
+    blocks.append(bytes(block) + bytes(_align(len(block)) - len(block)))
+    offset += _align(len(block))
+  return _assemble(meta, blocks, EXTERNAL_VERSION) if moved else data
+
+
+def _shape_of(value: dict) -> dict:
+  return {'__nd__': value['__nd__'], 'shape': value['shape'], 'nbytes': value['nbytes']}
+
+
+_IOV_MAX = 1024  # POSIX's minimum guarantee is 16; Linux allows 1024 (preadv's vector length)
+
+
+class External:
+  """An array of a version 3 record that lives in its shard's array file: dtype and shape known,
+  bytes not read yet. ``read_into(out)`` reads them straight into ``out`` (e.g. a record's slot
+  of a padded batch, so a 16 MiB CT slab is copied once, by the kernel) and checks their CRC32C
+  (and, for float images, finiteness); ``materialise()`` reads them into a new array.
+
+  ``fd``: a descriptor, or an object with ``fileno()`` that owns it (kept alive while this is).
+  Never sent to another process (Grain workers batch, and so read, in the process that decoded).
+  """
+
+  __slots__ = ('dtype', 'shape', 'nbytes', 'offset', 'crc', 'fd', 'where', 'key')
+
+  def __init__(self, dtype, shape, offset, crc, fd, where, key):
+    self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+    self.nbytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+    self.offset, self.crc, self.fd, self.where, self.key = offset, crc, fd, where, key
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __reduce__(self):
+    raise TypeError(f'{self.where}: {self.key!r} is not read yet; materialise() it first')
+
+  def materialise(self) -> np.ndarray:
+    return self.read_into(np.empty(self.shape, self.dtype))
+
+  def read_into(self, out: np.ndarray) -> np.ndarray:
+    if out.shape != self.shape or out.dtype != self.dtype:
+      raise ValueError(
+        f'{self.where}: {self.key!r} is {self.dtype} {self.shape}, not {out.dtype} {out.shape}'
+      )
+    if out.flags.c_contiguous:
+      parts = [out.reshape(-1)]
+    elif out[0].flags.c_contiguous:  # a slot of a padded batch: rows contiguous, strided apart
+      parts = list(out)
+    else:
+      return out.__setitem__(Ellipsis, self.materialise()) or out
+    views = [memoryview(p).cast('B') for p in parts]
+    fd = self.fd if isinstance(self.fd, int) else self.fd.fileno()
+    try:
+      got = 0
+      for i in range(0, len(views), _IOV_MAX):
+        n = os.preadv(fd, views[i : i + _IOV_MAX], self.offset + got)
+        got += n
+        if n < sum(len(v) for v in views[i : i + _IOV_MAX]):
+          break  # end of file: reported as truncated below
+    except OSError as e:
+      _fail(self.where, self.key, f'cannot be read from the array file ({e.strerror or e})')
+    if got != self.nbytes:
+      _fail(self.where, self.key, f'is truncated in the array file ({got} of {self.nbytes} bytes)')
+    crc = 0
+    for p in parts:
+      p = p.view()
+      p.flags.writeable = False  # google_crc32c takes read-only buffers only
+      crc = google_crc32c.extend(crc, p.reshape(-1).view(np.uint8))
+    if crc != self.crc:
+      _fail(self.where, self.key, 'fails its CRC32C check in the array file (corrupt bytes)')
+    if self.dtype.kind == 'f' and not _all_finite(out):
+      _fail(self.where, self.key, 'has non-finite values')
+    return out
+
+
+def decode(data: bytes, *, where: str = '', external: Callable | None = None) -> dict[str, Any]:
   """Bytes from ``encode`` -> validated record; any damage raises a one-line ``RecordError``.
 
   Version 2 arrays are read-only views of ``data`` (which they keep alive); copy one to modify it.
+  Version 3 arrays kept in an array file come from ``external(key, dtype, shape, offset, crc)``
+  (an ``External`` or the array; ``shards.ShardSource`` supplies it).
   """
   where = where or 'record'
   if len(data) < 6:
@@ -152,8 +276,8 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
     _fail(where, 'header', f'has magic {magic!r}, not an aacp record')
   if version == 1:
     return _decode_v1(bytes(data), where)
-  if version != VERSION:
-    _fail(where, 'version', f'is {version}; this code reads versions 1 and {VERSION}')
+  if version not in (VERSION, EXTERNAL_VERSION):
+    _fail(where, 'version', f'is {version}; this code reads versions 1 to {EXTERNAL_VERSION}')
   if len(data) < _HEADER.size:
     _fail(where, 'header', f'is truncated ({len(data)} bytes)')
   _, _, _, crc, meta_len, size = _HEADER.unpack_from(data)
@@ -172,6 +296,9 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
       record[key] = value
       continue
     dtype, shape, nbytes = _array_meta(value, key, where)
+    if version == EXTERNAL_VERSION and 'ext' in value:
+      record[key] = _external(value, key, where, external, dtype, shape, nbytes)
+      continue
     offset = value.get('offset')
     if not isinstance(offset, int) or value.get('nbytes') != nbytes or offset < 0:
       _fail(where, key, f'is a malformed array block (offset {offset!r}, {nbytes} bytes wanted)')
@@ -181,6 +308,19 @@ def decode(data: bytes, *, where: str = '') -> dict[str, Any]:
     record[key] = a.reshape(shape) if dtype.isnative else a.astype(dtype.newbyteorder('='))
   validate(record, where=where)
   return record
+
+
+def _external(value, key, where, external, dtype, shape, nbytes):
+  offset, crc = value.get('ext'), value.get('crc32c')
+  if key not in EXTERNAL_KEYS or not isinstance(offset, int) or offset < 0:
+    _fail(where, key, f'is a malformed external array (offset {offset!r})')
+  if value.get('nbytes') != nbytes or not isinstance(crc, int):
+    _fail(where, key, f'is a malformed external array ({nbytes} bytes wanted, crc {crc!r})')
+  if external is None:
+    _fail(
+      where, key, "lives in its shard's array file: read the record through aacp_jax.data.shards"
+    )
+  return external(key, dtype, shape, offset, crc)
 
 
 def _unpack_map(payload, where: str) -> dict:
@@ -214,7 +354,7 @@ def _decode_v1(data: bytes, where: str) -> dict[str, Any]:
 def _check_array(record, key, where, dtype, shape):
   """Checks dtype and shape; ``None`` entries of ``shape`` match any size."""
   a = record[key]
-  if not isinstance(a, np.ndarray):
+  if not isinstance(a, (np.ndarray, External)):
     _fail(where, key, f'is {type(a).__name__}, not a numpy array')
   if a.dtype != dtype:
     _fail(where, key, f'has dtype {a.dtype}, expected {np.dtype(dtype)}')
@@ -253,7 +393,8 @@ def validate(record: dict[str, Any], *, where: str = '') -> None:
   image = _check_array(record, 'image', where, dtype, (None, None, channels))
   if image.shape[0] < 1 or image.shape[1] < 1:
     _fail(where, 'image', f'has empty spatial shape {image.shape}')
-  if dtype.kind == 'f' and not _all_finite(image):
+  # An External image is checked for finiteness when read (External.read_into).
+  if dtype.kind == 'f' and isinstance(image, np.ndarray) and not _all_finite(image):
     _fail(where, 'image', 'has non-finite values')
   spacing = _check_array(record, 'spacing', where, np.float32, (3,))
   if not np.isfinite(spacing).all() or (spacing < 0).any():

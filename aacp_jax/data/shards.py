@@ -3,7 +3,12 @@
 Layout::
 
     ROOT/<split>/<modality>-NNNNN-of-NNNNN.array_record
+    ROOT/<split>/<modality>-NNNNN-of-NNNNN.arrays      (when records have arrays >= 1 MiB)
     ROOT/<split>/manifest.json
+
+An ``.arrays`` file holds its shard's large images and masks as raw bytes at 4 KiB-aligned offsets
+(the records keep their offsets and CRC32Cs, ``records.externalize``): ArrayRecord copies a record
+about four times on a read (~1.1 ns/byte), a ``preadv`` into the batch once (docs/DESIGN.md).
 
 The manifest is written last, so its presence marks a complete split; every shard lands by rename
 from a temporary file, so a crash never leaves a half-written file under a final name. Readers trust
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 import ctypes
 import datetime
+import functools
 import json
 import os
 import re
@@ -42,6 +48,10 @@ _COMPRESSION = re.compile(r'uncompressed|snappy|(zstd|brotli)(:-?\d+)?')
 # Random access as the ArrayRecord reader's docs advise: no readahead buffer, no thread pool (the
 # read runs in the calling Grain thread; a pool of its own only added copies and contention here).
 _READER_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'
+# Images and masks this large go to the shard's array file (a 358² x 64 CT slab is 16 MiB, a 1024²
+# radiograph 1 MiB); smaller ones (phantoms, 224² MRI) stay inline, where one read fetches all.
+ARRAY_FILE_MIN_BYTES = 1 << 20
+_ARRAY_ALIGN = 4096  # page-aligned offsets: the kernel copies whole pages into the batch
 
 
 class ShardError(RuntimeError):
@@ -102,27 +112,78 @@ def writer_options(compression: str | None = None) -> str:
   return f'group_size:1,{compression}'
 
 
-def _write_shard(path: str, payloads: Iterable[bytes], compression: str | None = None) -> dict:
+def array_file_path(shard_path: str) -> str:
+  """The array file beside a shard: ``ct-00000-of-00001.array_record`` -> ``...-00001.arrays``."""
+  stem = shard_path[: -len('.array_record')] if shard_path.endswith('.array_record') else shard_path
+  return stem + '.arrays'
+
+
+class _ArrayFile:
+  """Appends arrays at aligned offsets to ``<path>.tmp-PID``, created on the first one."""
+
+  def __init__(self, path: str):
+    self.path, self.tmp, self.f, self.size = path, f'{path}.tmp-{os.getpid()}', None, 0
+
+  def place(self, block: memoryview) -> int:
+    if self.f is None:
+      self.f = open(self.tmp, 'wb')  # pylint: disable=consider-using-with  # closed in finish()
+    pad = -self.size % _ARRAY_ALIGN
+    self.f.write(bytes(pad))
+    offset = self.size + pad
+    self.f.write(block)
+    self.size = offset + len(block)
+    return offset
+
+  def finish(self, keep: bool) -> dict | None:
+    """Closes; ``keep``: lands it under its final name and returns its manifest entry."""
+    if self.f is None:
+      if keep and os.path.exists(self.path):
+        os.remove(self.path)  # an older write of this shard had one; these records do not
+      return None
+    self.f.close()
+    if not keep:
+      os.remove(self.tmp)
+      return None
+    os.replace(self.tmp, self.path)
+    return {
+      'name': os.path.basename(self.path),
+      'bytes': os.path.getsize(self.path),
+      'sha256': digest.sha256_file(self.path),
+    }
+
+
+def _write_shard(
+  path: str, payloads: Iterable[bytes], compression: str | None = None, arrays: bool = True
+) -> dict:
   options = writer_options(compression)  # a bad value fails before any file exists
   tmp = f'{path}.tmp-{os.getpid()}'
   writer = array_record_module.ArrayRecordWriter(tmp, options)
+  array_file = _ArrayFile(array_file_path(path))
   count = 0
   try:
     for payload in payloads:
+      if arrays:
+        payload = rec.externalize(payload, array_file.place, min_bytes=ARRAY_FILE_MIN_BYTES)
       writer.write(payload)
       count += 1
   except BaseException:
     writer.close()
     os.remove(tmp)
+    array_file.finish(keep=False)
     raise
   writer.close()
+  # The array file lands first: a shard under its final name always has its arrays beside it.
+  arrays_entry = array_file.finish(keep=True)
   os.replace(tmp, path)
-  return {
+  entry = {
     'name': os.path.basename(path),
     'count': count,
     'bytes': os.path.getsize(path),
     'sha256': digest.sha256_file(path),
   }
+  if arrays_entry:
+    entry['arrays'] = arrays_entry
+  return entry
 
 
 def write_split(
@@ -136,6 +197,7 @@ def write_split(
   label_names: Mapping[str, list[str]] | None = None,
   meta: Mapping[str, Any] | None = None,
   compression: str | None = None,
+  arrays: bool = True,
 ) -> dict:
   """Encodes and writes every modality's records; returns the manifest it wrote.
 
@@ -143,6 +205,8 @@ def write_split(
   count up front: pass iterables with ``len()``; a plain generator is first held in memory encoded.
   ``meta`` is stored verbatim (e.g. generator parameters a cache compares against).
   ``compression``: of the ArrayRecord chunks (``writer_options``; default uncompressed).
+  ``arrays``: images and masks of ``ARRAY_FILE_MIN_BYTES`` or more go to each shard's array file
+  (False keeps every record whole inside its shard, the layout before array files).
   """
   writer_options(compression)  # a bad value fails before anything is written or removed
   split_dir = os.path.join(root, split)
@@ -175,14 +239,14 @@ def write_split(
     n_shards = num_shards.get(modality) if isinstance(num_shards, Mapping) else num_shards
     n_shards = n_shards or auto_num_shards(total)
     for old in os.listdir(split_dir):
-      if old.startswith(f'{modality}-') and old.endswith('.array_record'):
+      if old.startswith(f'{modality}-') and old.endswith(('.array_record', '.arrays')):
         os.remove(os.path.join(split_dir, old))
     files = []
     for s in range(n_shards):
       path = os.path.join(split_dir, shard_name(modality, s, n_shards))
       # Contiguous blocks: neighbouring records share a file, as a sequential reader expects.
       chunk = _take(stream, (s + 1) * total // n_shards - s * total // n_shards)
-      files.append(_write_shard(path, chunk, compression))
+      files.append(_write_shard(path, chunk, compression, arrays))
     if next(stream, None) is not None:
       raise ValueError(f'{split}/{modality}: the records yielded more items than their len()')
     modalities[modality] = {
@@ -205,13 +269,32 @@ def write_split(
   )
 
 
-def write_shard(path: str, payloads: Iterable[bytes], *, compression: str | None = None) -> dict:
+def write_shard(
+  path: str, payloads: Iterable[bytes], *, compression: str | None = None, arrays: bool = True
+) -> dict:
   """One shard from already encoded records (tmp file + rename); returns its manifest ``files`` entry.
 
   For writers that produce shards one at a time (``data_prep.runner``: one shard per worker task).
-  ``compression`` as in ``writer_options`` (default uncompressed).
+  ``compression`` as in ``writer_options`` (default uncompressed). Images and masks of at least
+  ``ARRAY_FILE_MIN_BYTES`` go to ``array_file_path(path)``, listed in the entry's ``arrays``.
   """
-  return _write_shard(path, payloads, compression)
+  return _write_shard(path, payloads, compression, arrays)
+
+
+def check_files(split_dir: str, entry: dict, *, verify: bool = True) -> str | None:
+  """Why a manifest ``files`` entry (shard and array file) is not intact on disk, or None."""
+  for f in (entry, entry.get('arrays')):
+    if f is None:
+      continue
+    path = os.path.join(split_dir, f['name'])
+    if not os.path.exists(path):
+      return f'{path}: {"array file" if f is not entry else "shard"} missing'
+    size = os.path.getsize(path)
+    if size != f['bytes']:
+      return f'{path}: size {size} bytes, manifest says {f["bytes"]} (truncated?)'
+    if verify and digest.sha256_file(path) != f['sha256']:
+      return f'{path}: sha256 mismatch with manifest (corrupt)'
+  return None
 
 
 def write_manifest(
@@ -323,6 +406,22 @@ def _reuse_large_allocations() -> None:
     pass
 
 
+class _OpenFile:
+  """A read-only descriptor closed with its last reference (copies of a source share it)."""
+
+  def __init__(self, path: str):
+    try:
+      self.fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+      raise ShardError(f'{path}: cannot open ({e.strerror or e})') from None
+
+  def fileno(self) -> int:
+    return self.fd
+
+  def __del__(self):
+    os.close(self.fd)
+
+
 class ShardSource:
   """Random-access source of decoded, validated records (``len`` + ``__getitem__``) for Grain.
 
@@ -330,21 +429,24 @@ class ShardSource:
   native reader handles must not cross that boundary.
   """
 
-  def __init__(self, root: str, split: str, modality: str, *, verify: bool = True):
-    self.split, self.modality = split, modality
+  def __init__(
+    self, root: str, split: str, modality: str, *, verify: bool = True, lazy: bool = False
+  ):
+    self.split, self.modality, self.lazy = split, modality, bool(lazy)
     files = _modality_entry(root, split, modality)['files']
-    self._paths = [os.path.join(root, split, f['name']) for f in files]
+    split_dir = os.path.join(root, split)
+    self._paths = [os.path.join(split_dir, f['name']) for f in files]
+    self._array_paths = [
+      os.path.join(split_dir, f['arrays']['name']) if f.get('arrays') else None for f in files
+    ]
     self._counts = [int(f['count']) for f in files]
     self._starts = np.cumsum([0] + self._counts)
-    for path, f in zip(self._paths, files):
-      if not os.path.exists(path):
-        raise ShardError(f'{path}: shard missing')
-      size = os.path.getsize(path)
-      if size != f['bytes']:
-        raise ShardError(f'{path}: size {size} bytes, manifest says {f["bytes"]} (truncated?)')
-      if verify and digest.sha256_file(path) != f['sha256']:
-        raise ShardError(f'{path}: sha256 mismatch with manifest (corrupt)')
+    for f in files:
+      problem = check_files(split_dir, f, verify=verify)
+      if problem:
+        raise ShardError(problem)
     self._readers: list[Any] = [None] * len(self._paths)
+    self._fds: list[_OpenFile | None] = [None] * len(self._paths)
     self._lock = threading.Lock()
     _reuse_large_allocations()
 
@@ -379,14 +481,29 @@ class ShardSource:
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise ShardError(f'shard {name} record {pos}: read failed ({one_line(e)})') from None
+    where = f'shard {name} record {pos}'
     try:
-      return rec.decode(data, where=f'shard {name} record {pos}')
+      return rec.decode(data, where=where, external=functools.partial(self._external, s, where))
     except rec.RecordError as e:
       raise ShardError(str(e)) from None
+
+  def _external(self, s, where, key, dtype, shape, offset, crc):
+    """An array of record ``where`` kept in shard ``s``'s array file: unread when ``lazy`` (the
+    batch reads it into its slot, ``pipeline.PadBatch``), else read and checked now."""
+    if self._array_paths[s] is None:
+      raise ShardError(f'{where}: {key!r} lives in an array file the manifest does not list')
+    if self._fds[s] is None:
+      with self._lock:
+        if self._fds[s] is None:
+          self._fds[s] = _OpenFile(self._array_paths[s])
+    where = f'{where} ({os.path.basename(self._array_paths[s])})'
+    array = rec.External(dtype, shape, offset, crc, self._fds[s], where, key)
+    return array if self.lazy else array.materialise()
 
   def __getstate__(self):
     state = self.__dict__.copy()
     state['_readers'] = [None] * len(self._paths)
+    state['_fds'] = [None] * len(self._paths)  # descriptors are this process's own
     del state['_lock']
     return state
 
@@ -399,6 +516,12 @@ class ShardSource:
     return f'ShardSource({self.split}/{self.modality}, {len(self)} records)'
 
 
-def open_source(root: str, split: str, modality: str, *, verify: bool = True) -> ShardSource:
-  """Checked source of one modality's records; ``verify`` also hashes every file (sha256)."""
-  return ShardSource(root, split, modality, verify=verify)
+def open_source(
+  root: str, split: str, modality: str, *, verify: bool = True, lazy: bool = False
+) -> ShardSource:
+  """Checked source of one modality's records; ``verify`` also hashes every file (sha256).
+
+  ``lazy``: images and masks kept in array files come back as unread ``records.External`` (for
+  ``pipeline.PadBatch``, which reads each into its batch slot); otherwise every array is read.
+  """
+  return ShardSource(root, split, modality, verify=verify, lazy=lazy)

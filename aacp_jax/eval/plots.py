@@ -205,3 +205,95 @@ def roc_curves(y, scores_by_name: dict, path=None, note: str = ''):
   ax.set_ylim(-0.01, 1.01)
   ax.legend(fontsize=8, loc='lower right')
   return _finish(fig, path, note)
+
+
+def embedding_panels(panels: dict, modality, region, path=None, method='tsne', seed=0, note=''):
+  """One 2-D projection per panel (title -> features (N, F), the same N images in each, e.g. one
+  encoder at several checkpoints), colour = modality, marker = region (Fig. 2's layout)."""
+  modality, region = np.asarray(modality), np.asarray(region)
+  mods, regs = list(dict.fromkeys(modality.tolist())), list(dict.fromkeys(region.tolist()))
+  colours = plt.get_cmap('tab10')
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+  for ax, (title, features) in zip(axes[0], panels.items()):
+    features = metrics.check_no_nan(f'embedding_panels {title}', features)
+    if len(features) != len(modality) or len(features) != len(region):
+      raise ValueError(f'embedding_panels {title}: {len(features)} features for {len(modality)}')
+    xy = _project(features, method, seed)
+    for i, m in enumerate(mods):
+      for j, r in enumerate(regs):
+        sel = (modality == m) & (region == r)
+        if sel.any():
+          ax.scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            s=16,
+            color=colours(i % 10),
+            marker=_MARKERS[j % len(_MARKERS)],
+            label=f'{m} / {r}',
+            alpha=0.8,
+          )
+    ax.set_title(f'{title} ({ {"tsne": "t-SNE", "pca": "PCA"}[method] })', fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  axes[0][-1].legend(fontsize=7, loc='best', title='modality / region', title_fontsize=7)
+  return _finish(fig, path, note)
+
+
+def attention_grid(images, attentions, titles, path=None, window=None, note: str = ''):
+  """Rows of (image, attention over it), one row per example: images (N, H, W[, C]) windowed as
+  in `attention_overlay`, attention maps (N, h, w) resized over them."""
+  n = len(images)
+  fig, axes = plt.subplots(n, 2, figsize=(5.2, 2.6 * n), squeeze=False)
+  for i in range(n):
+    shown = _window(images[i], window)
+    att = _resize(attentions[i], shown.shape)
+    for ax in axes[i]:
+      ax.imshow(shown, cmap='gray', vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[i][1].imshow(att, cmap='jet', alpha=0.45)
+    axes[i][0].set_title(str(titles[i]), fontsize=8)
+    axes[i][1].set_title('attention', fontsize=8)
+  return _finish(fig, path, note)
+
+
+def data_needed(needed, path=None, note: str = ''):
+  """Per task, a horizontal bar per method: the label fraction (log x) at which it reaches the
+  baseline's full-data score (`study.tables.data_needed` rows); methods that never do are
+  marked 'not reached' at the largest fraction."""
+  needed = list(needed)
+  if not needed:
+    raise ValueError('data_needed: no rows')
+  tasks = list(dict.fromkeys(r['task'] for r in needed))
+  fig, axes = plt.subplots(
+    1,
+    len(tasks),
+    figsize=(max(6.0, 4.2 * len(tasks)), 0.5 + 0.45 * len(needed) / len(tasks) + 1.2),
+    squeeze=False,
+  )
+  for ax, task in zip(axes[0], tasks):
+    rows = [r for r in needed if r['task'] == task]
+    top = max(r['baseline_fraction'] for r in rows)
+    ys = np.arange(len(rows))
+    for y, r in zip(ys, rows):
+      f = r['fraction']
+      ax.barh(y, top if f is None else f, color='0.8' if f is None else 'tab:blue', left=0)
+      ax.text(
+        (top if f is None else f) * 1.05,
+        y,
+        'not reached' if f is None else f'{f:.3g} %',
+        va='center',
+        fontsize=7,
+      )
+    ax.set_yticks(ys, [r['method'] for r in rows], fontsize=8)
+    ax.set_xscale('log')
+    lo, hi = min([r['fraction'] for r in rows if r['fraction']] + [top]) / 3, top * 4
+    ax.set_xlim(lo, hi)
+    # Decades as plain percents (0.1, 1, 10, 100), no minor labels crowding the axis.
+    ticks = [10.0**k for k in range(-3, 4) if lo <= 10.0**k <= hi]
+    ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel('labelled fraction to match (%)')
+    ax.set_title(f'{task}: {rows[0]["metric"]} ≥ {rows[0]["target"]:.3f}', fontsize=9)
+    ax.invert_yaxis()
+  return _finish(fig, path, note)

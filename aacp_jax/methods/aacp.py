@@ -260,8 +260,20 @@ _OPTIONAL = (
 )
 
 
+def check_arch(config) -> None:
+  """model.arch must be 'resnet' ('' = the method's own, the ResNet): the pyramid, ROI attention
+  and landmark head read the ResNet's stages c2..c5, which a ViT does not have."""
+  arch = config.model.get('arch', '') or 'resnet'
+  if arch != 'resnet':
+    raise ValueError(
+      f'config.model.arch={arch!r}: method {config.get("method", "aacp")!r} trains a ResNet '
+      "(its pyramid, ROI attention and landmark head read c2..c5); set model.arch='resnet'"
+    )
+
+
 def check_config(config) -> None:
   """One-line errors naming the config key, before any data is read or anything compiles."""
+  check_arch(config)
   config_checks.check(config, RULES, optional=_OPTIONAL)
   resnet.check_depth(config.model.depth)
   if config.loss.get('spatial_weight', 0) > 0 and not config.model.get('landmark_head', False):

@@ -372,8 +372,20 @@ RULES = (
 )
 
 
+def check_arch(config) -> None:
+  """model.arch must be 'resnet' ('' = the method's own, the ResNet): the query and key
+  encoders are ResNets, their BatchNorm shuffled (shuffle-BN); a ViT MoCo is MoCo-v3."""
+  arch = config.model.get('arch', '') or 'resnet'
+  if arch != 'resnet':
+    raise ValueError(
+      f"config.model.arch={arch!r}: method 'moco_v2' trains ResNet query and key encoders; "
+      "set model.arch='resnet'"
+    )
+
+
 def check_config(config) -> None:
   """One-line errors naming the config key, before anything compiles."""
+  check_arch(config)
   config_checks.check(config, RULES)
   resnet.check_depth(config.model.depth)
   mc = config.moco

@@ -1,4 +1,6 @@
-"""Import torchvision (or timm, same key layout) ResNet weights into `aacp_jax.models.resnet.ResNet`.
+"""Import torchvision (or timm, same key layout) ResNet weights into `aacp_jax.models.resnet.ResNet`,
+and export them back; the same both ways for the ViT (`models.vit.ViT`) in timm's VisionTransformer
+layout (`flax_to_timm_vit`, `load_timm_vit`, at the end).
 
 Weights arrive as a flat `{torch key: np.ndarray}` state dict read from `.npz` or `.safetensors`
 (no pickle, no torch at run time). To produce one from a torchvision checkpoint, once, offline:
@@ -348,3 +350,142 @@ def read_safetensors_metadata(path: str) -> dict[str, str]:
   with open(path, 'rb') as f:
     n = int.from_bytes(f.read(8), 'little')
     return dict(json.loads(f.read(n)).get('__metadata__', {}))
+
+
+# ---- ViT (`models.vit.ViT`) <-> timm's VisionTransformer key layout ----
+
+# flax module path -> timm module, and back; a block's attention and MLP are one level deeper in
+# timm (`blocks.3.attn.qkv`, `blocks.3.mlp.fc1`) than in our Block (`block3/attn/qkv`, `block3/fc1`).
+_VIT_TO_TIMM = (
+  (re.compile(r'patch_embed'), 'patch_embed.proj'),
+  (re.compile(r'block(\d+)/(norm1|norm2)'), r'blocks.\1.\2'),
+  (re.compile(r'block(\d+)/attn/(qkv|proj)'), r'blocks.\1.attn.\2'),
+  (re.compile(r'block(\d+)/(fc1|fc2)'), r'blocks.\1.mlp.\2'),
+  (re.compile(r'norm'), 'norm'),
+)
+_TIMM_TO_VIT = (
+  (re.compile(r'patch_embed\.proj'), 'patch_embed'),
+  (re.compile(r'blocks\.(\d+)\.(norm1|norm2)'), r'block\1/\2'),
+  (re.compile(r'blocks\.(\d+)\.attn\.(qkv|proj)'), r'block\1/attn/\2'),
+  (re.compile(r'blocks\.(\d+)\.mlp\.(fc1|fc2)'), r'block\1/\2'),
+  (re.compile(r'norm'), 'norm'),
+)
+_VIT_TOKENS = ('cls_token', 'pos_embed')
+
+
+def _sub(table, name: str) -> str | None:
+  for pattern, replacement in table:
+    if pattern.fullmatch(name):
+      return pattern.sub(replacement, name)
+  return None
+
+
+def flax_to_timm_vit(params: Mapping[str, Any], *, pos_embed=None) -> dict[str, np.ndarray]:
+  """A `vit.ViT`'s params -> timm's VisionTransformer state dict (NumPy), no head.
+
+  Conv HWIO -> OIHW (`patch_embed.proj.weight` (D, C, p, p)); Dense (in, out) -> torch Linear
+  (out, in) (`blocks.i.attn.qkv.weight` (3D, D), rows q, k, v as our qkv Dense's outputs and
+  timm's reshape(B, N, 3, heads, D/heads) both read them); LayerNorm scale -> weight;
+  `cls_token` (D,) -> (1, 1, D); `pos_embed` (1 + N, D) -> (1, 1 + N, D), class token's row first.
+  A fixed (sin-cos) position embedding is no parameter: pass it as `pos_embed` ((1 + N, D), the
+  class token's zero row first, `vit.sincos_2d`), since timm's layout has it as a tensor. Values
+  keep their dtype and bits, so export -> `load_timm_vit` is the identity.
+  """
+  flat = _flatten(params)
+  if ('pos_embed',) in flat and pos_embed is not None:
+    raise ValueError('pos_embed: the ViT learned its own; pass no fixed one')
+  if ('pos_embed',) not in flat:
+    if pos_embed is None:
+      raise ValueError('pos_embed: a fixed (sin-cos) ViT needs its position embedding passed')
+    flat[('pos_embed',)] = pos_embed
+  out: dict[str, np.ndarray] = {}
+  for path, value in sorted(flat.items()):
+    value = np.asarray(value)
+    if len(path) == 1 and path[0] in _VIT_TOKENS:
+      out[path[0]] = np.ascontiguousarray(value.reshape((1,) * (3 - value.ndim) + value.shape))
+      continue
+    *mods, leaf = path
+    module = _sub(_VIT_TO_TIMM, '/'.join(mods))
+    norm = bool(mods) and mods[-1].startswith('norm')
+    if leaf == 'bias':
+      torch_leaf = 'bias'
+    else:
+      torch_leaf = 'weight' if leaf == ('scale' if norm else 'kernel') else None
+    if module is None or torch_leaf is None:
+      raise ValueError(f'params/{"/".join(path)}: not a leaf of a timm VisionTransformer')
+    if value.ndim == 4:  # conv HWIO -> OIHW
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
+      value = value.T
+    out[f'{module}.{torch_leaf}'] = np.ascontiguousarray(value)
+  return out
+
+
+def timm_vit_to_flax(state_dict: StateDict, *, prefix: str = '') -> dict[str, Any]:
+  """timm VisionTransformer state dict -> {'params': ...} of `vit.ViT` (the inverse of
+  `flax_to_timm_vit`; `pos_embed` comes back as (1 + N, D) whatever its kind, the classifier
+  `head.*` is dropped). `prefix` is stripped; keys without it are ignored. Values keep their
+  dtype. Keys with no place in our ViT (timm's `fc_norm`, register tokens, layer scale, ...)
+  are errors naming the key: such a model computes something else."""
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  for key, value in state_dict.items():
+    if not key.startswith(prefix):
+      continue
+    key = key[len(prefix) :]
+    value = np.asarray(value)
+    if key.startswith('head.'):
+      continue
+    if key in _VIT_TOKENS:
+      if value.ndim != 3 or value.shape[0] != 1 or (key == 'cls_token' and value.shape[1] != 1):
+        raise ValueError(f'{key}: shape {value.shape}, expected (1, 1, D) / (1, 1 + N, D)')
+      flat[(key,)] = value[0, 0] if key == 'cls_token' else value[0]
+      continue
+    module, _, leaf = key.rpartition('.')
+    path = _sub(_TIMM_TO_VIT, module)
+    norm = path is not None and path.split('/')[-1].startswith('norm')
+    flax_leaf = {'weight': 'scale' if norm else 'kernel', 'bias': 'bias'}.get(leaf)
+    if path is None or flax_leaf is None:
+      raise ValueError(f'{prefix}{key}: not a leaf of our ViT (models/vit.py)')
+    if value.ndim == 4:  # conv OIHW -> HWIO
+      value = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
+      value = value.T
+    flat[tuple(path.split('/')) + (flax_leaf,)] = np.ascontiguousarray(value)
+  return {'params': _unflatten(flat)}
+
+
+def load_timm_vit(
+  params: Mapping[str, Any], state_dict: StateDict, *, fixed_pos_embed=None, prefix: str = ''
+) -> dict[str, Any]:
+  """`params` (a `vit.ViT`'s) with every leaf from a timm-layout `state_dict`.
+
+  Every target leaf must be covered and every source tensor used, with matching shapes, errors
+  naming the key. A fixed (sin-cos) target has no `pos_embed` parameter: the file's must then
+  equal `fixed_pos_embed` ((1 + N, D)) bit for bit after the cast to its dtype, since a learned
+  one silently dropped would change the model (import it into `pos_embed='learned'` instead).
+  """
+  target = _flatten(params)
+  source = _flatten(timm_vit_to_flax(state_dict, prefix=prefix)['params'])
+  if ('pos_embed',) not in target and ('pos_embed',) in source:
+    got = source.pop(('pos_embed',))
+    want = None if fixed_pos_embed is None else np.asarray(fixed_pos_embed)
+    if want is None or got.shape != want.shape or not np.array_equal(got.astype(want.dtype), want):
+      raise ValueError(
+        "pos_embed: the state dict holds a position embedding other than the model's fixed "
+        "sin-cos one; use model.vit.pos_embed='learned' to load it"
+      )
+  missing = sorted('/'.join(p) for p in set(target) - set(source))
+  extra = sorted('/'.join(p) for p in set(source) - set(target))
+  if missing or extra:
+    raise ValueError(
+      f'params: state dict does not fit the ViT; missing {missing[:5]} ({len(missing)}), '
+      f'unexpected {extra[:5]} ({len(extra)})'
+    )
+  for path, t in target.items():
+    if tuple(source[path].shape) != tuple(t.shape):
+      raise ValueError(
+        f'params/{"/".join(path)}: shape {source[path].shape} from the state dict, model '
+        f'expects {tuple(t.shape)}'
+      )
+    source[path] = source[path].astype(t.dtype)
+  return _unflatten(source)

@@ -52,13 +52,19 @@ def run_cell(base, workdir, init_name, init, task, fraction, seed) -> dict:
   config = copy.deepcopy(base)
   config.task, config.init, config.seed = task, init, int(seed)
   config.data.fraction = float(fraction)
-  if not config.data.root:
-    # One phantom set in the sweep's workdir for every cell of a modality: cells differ in the
-    # draw and the init, not in the data, and building 256 phantoms per cell dominates a CPU cell.
-    resolved = finetune.resolve(config)
-    config.data.root = inputs.prepare_data(resolved, workdir, seed=resolved.data.phantom_seed)
+  config.data.root = shared_root(config, workdir)
   os.makedirs(path, exist_ok=True)
   return finetune.run(config, path).results
+
+
+def shared_root(config, workdir) -> str:
+  """config.data.root, or one phantom set in the sweep's workdir for every cell of a modality:
+  cells differ in the draw and the init, not in the data, and building 256 phantoms per cell
+  dominates a CPU cell (the study shares it the same way)."""
+  if config.data.root:
+    return config.data.root
+  resolved = finetune.resolve(config)
+  return inputs.prepare_data(resolved, workdir, seed=resolved.data.phantom_seed)
 
 
 def check_cells(base, inits: dict, tasks, fractions) -> None:
@@ -72,7 +78,8 @@ def check_cells(base, inits: dict, tasks, fractions) -> None:
         finetune.check_config(finetune.resolve(config))
 
 
-def _metric_fn(task):
+def metric_fn(task):
+  """metric(truth, test scores) of the task's primary metric (`PRIMARY`), as eval.json's."""
   if task.kind == 'segmentation':
     dice_of = finetune.mean_foreground_dice(task)
     return lambda y, s: dice_of(s, y)
@@ -96,7 +103,7 @@ def summarise(workdir, init_name, task_name, fraction, seeds, n_bootstrap=1000) 
       per_seed.append(json.load(f)['metrics'][PRIMARY[task.kind]]['estimate'])
     sc, truth, groups = finetune.load_test_arrays(path)
     scores.append(sc)
-  ci = bootstrap.seed_mean_ci(_metric_fn(task), truth, scores, groups=groups, n=n_bootstrap)
+  ci = bootstrap.seed_mean_ci(metric_fn(task), truth, scores, groups=groups, n=n_bootstrap)
   return {
     'init': init_name,
     'task': task_name,

@@ -32,25 +32,67 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  """Adam with L2 weight decay and a cosine schedule (paper 3.5.1).
+# `config.optim.name`: the update rule. 'adam' is the default and the paper's; 'adamw' is MAE's
+# recipe (He et al. 2022: AdamW, betas (0.9, 0.95), decoupled decay 0.05 off the norms, biases,
+# tokens and positions). Configs without the key (fine-tuning, the detector) get 'adam'.
+OPTIMIZERS = ('adam', 'adamw')
+# Parameters AdamW never decays, by name, beside every parameter of at most one dimension (norm
+# scales and biases, BatchNorm's too): MAE's `param_groups_weight_decay` and timm's
+# `no_weight_decay` set (position embeddings, class and mask tokens). Decay pulls these towards 0,
+# which for a LayerNorm scale or a token is a wrong prior, not regularisation.
+NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'mask_token')
 
-  The decay is added to the gradient before Adam (torch.optim.Adam's `weight_decay`), the
-  optimiser the paper names; AdamW's decoupled decay would be a different method.
-  """
+
+def decay_mask(params):
+  """The pytree of `params` with True where AdamW's decoupled decay applies: leaves of at least
+  two dimensions whose path holds none of NO_DECAY_NAMES."""
+
+  def decays(path, leaf):
+    names = {str(getattr(k, 'key', getattr(k, 'name', k))) for k in path}
+    return len(leaf.shape) > 1 and not names & set(NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+  """The linear warmup's length: `warmup_steps` when > 0, else `warmup_fraction` (default 0) of
+  the run, rounded (MAE's 40 of 800 epochs is a fraction, whatever an epoch's steps are)."""
   warmup = int(optim_cfg.warmup_steps)
+  if warmup > 0:
+    return warmup
+  return int(round(float(optim_cfg.get('warmup_fraction', 0.0)) * total_steps))
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """The optimiser `optim_cfg.name` with a cosine schedule and optional warmup (paper 3.5.1).
+
+  'adam' (the default): the decay is added to the gradient before Adam (torch.optim.Adam's
+  `weight_decay`), the optimiser the paper names; AdamW's decoupled decay would be a different
+  method. 'adamw': optax.adamw, p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p), with the decay
+  only where `decay_mask` says (torch.optim.AdamW's update). `b1`, `b2`: Adam's betas (default
+  0.9, 0.999, optax's and torch's).
+  """
+  name = optim_cfg.get('name', 'adam')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'config.optim.name={name!r}: expected one of {", ".join(OPTIMIZERS)}')
+  warmup = warmup_steps(optim_cfg, total_steps)
   if warmup > 0:
     schedule = optax.warmup_cosine_decay_schedule(
       0.0, optim_cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1)
     )
   else:
     schedule = optax.cosine_decay_schedule(optim_cfg.lr, decay_steps=max(total_steps, 1))
+  betas = dict(b1=float(optim_cfg.get('b1', 0.9)), b2=float(optim_cfg.get('b2', 0.999)))
   parts = []
   if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-  if optim_cfg.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(optim_cfg.weight_decay))
-  parts.append(optax.adam(schedule))
+  if name == 'adamw':
+    decay = float(optim_cfg.weight_decay)
+    parts.append(optax.adamw(schedule, **betas, weight_decay=decay, mask=decay_mask))
+  else:
+    if optim_cfg.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(optim_cfg.weight_decay))
+    parts.append(optax.adam(schedule, **betas))
   return optax.chain(*parts), schedule
 
 
@@ -143,9 +185,16 @@ COMMON_RULES = (
   ('optim.weight_decay', config_checks.NON_NEGATIVE),
   ('optim.grad_clip', config_checks.NON_NEGATIVE),  # 0 = off
   ('optim.warmup_steps', config_checks.INDEX),
+  # Optional: configs without them get Adam's defaults (`make_optimizer`).
+  ('optim.b1', config_checks.Number(lo=0, hi=1, open_hi=True)),
+  ('optim.b2', config_checks.Number(lo=0, hi=1, open_hi=True)),
+  ('optim.warmup_fraction', config_checks.Number(lo=0, hi=1, open_hi=True)),
   ('data.image_size', config_checks.COUNT),
   ('data.worker_count', config_checks.INDEX),
 ) + config_checks.AUGMENT_RULES
+
+
+_OPTIONAL_OPTIM = ('optim.b1', 'optim.b2', 'optim.warmup_fraction')
 
 
 def check_common(config) -> None:
@@ -153,7 +202,10 @@ def check_common(config) -> None:
   config_checks.check_finite(config)
   check_modalities(config)
   # num_epochs: experiments without epochs (the landmark detector) have only total_steps.
-  config_checks.check(config, COMMON_RULES, optional=('num_epochs',))
+  config_checks.check(config, COMMON_RULES, optional=('num_epochs',) + _OPTIONAL_OPTIM)
+  name = config.optim.get('name', 'adam')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'config.optim.name={name!r}: expected one of {", ".join(OPTIMIZERS)}')
   phantoms = config.data.get('phantoms') or {}
   config_checks.check(config, [(f'data.phantoms.{s}', config_checks.COUNT) for s in phantoms])
   layers.compute_dtype(config.model.dtype)
