@@ -37,5 +37,5 @@ def test_launch_scripts_use_the_project_interpreter():
     text = open(os.path.join(ROOT, 'launch', name)).read()
     assert 'launch/python.sh' in text, name
     # "$PY" (escaped inside tpu_vm.sh's remote command string).
-    assert re.search(r'\\?"\\?\$PY\\?" -m aacp_jax\.main', text), name
+    assert re.search(r'\\?"\\?\$PY\\?" -m aacp_jax\.(main|study)', text), name
     assert ' python -m' not in text and 'python3 -m' not in text, name
