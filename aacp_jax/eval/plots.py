@@ -93,6 +93,24 @@ def _project(features, method, seed):
   raise ValueError(f"embeddings: method must be 'tsne' or 'pca', got {method!r}")
 
 
+def _scatter_groups(ax, xy, modality, region, mods, regs, size):
+  """One scatter per (modality, region): colour by modality, marker by region."""
+  colours = plt.get_cmap('tab10')
+  for i, m in enumerate(mods):
+    for j, r in enumerate(regs):
+      sel = (modality == m) & (region == r)
+      if sel.any():
+        ax.scatter(
+          xy[sel, 0],
+          xy[sel, 1],
+          s=size,
+          color=colours(i % 10),
+          marker=_MARKERS[j % len(_MARKERS)],
+          label=f'{m} / {r}',
+          alpha=0.8,
+        )
+
+
 def embeddings(
   features, modality, region, path=None, methods=('tsne', 'pca'), seed: int = 0, note: str = ''
 ):
@@ -104,23 +122,10 @@ def embeddings(
       f'embeddings: {len(features)} features, {len(modality)} modalities, {len(region)} regions'
     )
   mods, regs = list(dict.fromkeys(modality.tolist())), list(dict.fromkeys(region.tolist()))
-  colours = plt.get_cmap('tab10')
   fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4.2), squeeze=False)
   for ax, method in zip(axes[0], methods):
     xy = _project(features, method, seed)
-    for i, m in enumerate(mods):
-      for j, r in enumerate(regs):
-        sel = (modality == m) & (region == r)
-        if sel.any():
-          ax.scatter(
-            xy[sel, 0],
-            xy[sel, 1],
-            s=18,
-            color=colours(i % 10),
-            marker=_MARKERS[j % len(_MARKERS)],
-            label=f'{m} / {r}',
-            alpha=0.8,
-          )
+    _scatter_groups(ax, xy, modality, region, mods, regs, size=18)
     ax.set_title({'tsne': 't-SNE', 'pca': 'PCA'}[method])
     ax.set_xticks([])
     ax.set_yticks([])
@@ -212,26 +217,13 @@ def embedding_panels(panels: dict, modality, region, path=None, method='tsne', s
   encoder at several checkpoints), colour = modality, marker = region (Fig. 2's layout)."""
   modality, region = np.asarray(modality), np.asarray(region)
   mods, regs = list(dict.fromkeys(modality.tolist())), list(dict.fromkeys(region.tolist()))
-  colours = plt.get_cmap('tab10')
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
   for ax, (title, features) in zip(axes[0], panels.items()):
     features = metrics.check_no_nan(f'embedding_panels {title}', features)
     if len(features) != len(modality) or len(features) != len(region):
       raise ValueError(f'embedding_panels {title}: {len(features)} features for {len(modality)}')
     xy = _project(features, method, seed)
-    for i, m in enumerate(mods):
-      for j, r in enumerate(regs):
-        sel = (modality == m) & (region == r)
-        if sel.any():
-          ax.scatter(
-            xy[sel, 0],
-            xy[sel, 1],
-            s=16,
-            color=colours(i % 10),
-            marker=_MARKERS[j % len(_MARKERS)],
-            label=f'{m} / {r}',
-            alpha=0.8,
-          )
+    _scatter_groups(ax, xy, modality, region, mods, regs, size=16)
     ax.set_title(f'{title} ({ {"tsne": "t-SNE", "pca": "PCA"}[method] })', fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])

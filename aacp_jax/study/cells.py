@@ -119,15 +119,9 @@ def pretrain_config(study, method: str):
 def encoder_settings(pre) -> dict:
   """What a pretraining workdir's config.json fixes in a fine-tuning config (the same fields as
   `train.inits.encoder_config`, read from the config before the workdir exists)."""
-  model = pre.model
-  if model.get('arch', 'resnet') == 'vit':
-    return {'arch': 'vit', 'vit': model.vit.to_dict()}
-  return {
-    'arch': 'resnet',
-    'depth': int(model.depth),
-    'width': int(model.width),
-    'zero_init_residual': bool(model.get('zero_init_residual', False)),
-  }
+  from aacp_jax.train import inits  # JAX-importing: only when a plan is resolved
+
+  return inits.encoder_fields(pre.model)
 
 
 def task_roots(study) -> dict:

@@ -53,7 +53,11 @@ def encoder_config(init: str, modality: str) -> dict:
     raise ValueError(
       f'config.init={init}: the workdir has encoders for {list(mods)}, the task needs {modality!r}'
     )
-  model = pre.model
+  return encoder_fields(pre.model)
+
+
+def encoder_fields(model) -> dict:
+  """The encoder fields of a pretraining config's `model` that a fine-tuning config must copy."""
   if model.get('arch', 'resnet') == 'vit':
     return {'arch': 'vit', 'vit': model.vit.to_dict()}
   return {
